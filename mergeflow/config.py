@@ -1,0 +1,64 @@
+"""``params.yaml``: the one place for run parameters, validated in full before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from mergeflow.errors import ConfigError
+from mergeflow.methods import MethodParams, parse_params
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Literal["vit-tiny", "vit-b-32", "bert-tiny"] = "vit-tiny"
+    tasks: int = Field(4, ge=1, le=64)
+    seed: int = 0
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["float32", "float64"] = "float32"
+    demo: DemoConfig = DemoConfig()
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, params in value.items():
+            parse_params(name, params or {})  # raises ConfigError with the precise problem
+        return value
+
+    def method_params(self) -> dict[str, MethodParams]:
+        return {name: parse_params(name, params or {}) for name, params in self.methods.items()}
+
+
+def _tuples(value: Any) -> Any:
+    """YAML lists become tuples (parameter models are immutable)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return RunConfig.model_validate(_tuples(raw))
+    except PydanticValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from None

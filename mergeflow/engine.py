@@ -1,0 +1,396 @@
+"""The streaming merge driver.
+
+For each key (in sorted order) it reads θ0 and every θt, checks them, hands the float tensors to
+the method's :class:`~mergeflow.methods.registry.Merger` on the compute device, casts the result to
+the pretrained dtype and streams it into the outputs. Memory holds one key of every input at a
+time (plus whatever a method's global pass needs, at most one model), never T whole models.
+
+Tasks are put in a canonical order (by sha256 of their files) before merging, so the output is
+bit-for-bit independent of the order in which the fine-tunes were listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+import mergeflow
+from mergeflow.checkpoint import CheckpointReader, SafetensorsReader, TensorMeta, open_checkpoint
+from mergeflow.devices import resolve_device, resolve_precision
+from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
+from mergeflow.hashing import BackgroundHasher, quick_identity, sha256_file_cached
+from mergeflow.methods import MergeContext, Merger, MethodParams, get_method, params_record, parse_params
+from mergeflow.methods.registry import TensorSource
+from mergeflow.selectors import detect_layout
+from mergeflow.writer import SafetensorsWriter
+
+log = logging.getLogger("mergeflow.engine")
+
+
+class Sink(Protocol):
+    """Where merged tensors go: a file writer, or anything with the same three calls."""
+
+    def write(self, key: str, tensor: torch.Tensor) -> None: ...
+
+    def commit(self) -> Any: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass
+class CheckpointSet:
+    """θ0 and T fine-tunes, opened and checked for compatibility; sha256 hashes are computed in
+    the background while the merge runs and waited for only where they are needed."""
+
+    pretrained: CheckpointReader
+    finetuned: list[CheckpointReader]
+    layout: dict[str, TensorMeta]
+    task_order: tuple[int, ...]
+    hasher: BackgroundHasher
+
+    @property
+    def canonical(self) -> list[CheckpointReader]:
+        return [self.finetuned[i] for i in self.task_order]
+
+    @property
+    def pretrained_sha256(self) -> str:
+        return self.hasher.result()[0]
+
+    @property
+    def finetuned_sha256(self) -> list[str]:
+        return self.hasher.result()[1:]
+
+    def close(self) -> None:
+        self.hasher.close()
+        for reader in (self.pretrained, *self.finetuned):
+            reader.close()
+
+    def inputs_record(self, placeholder: bool = False) -> dict[str, Any]:
+        """File names and sha256 of every input (``placeholder``: zeros of the same length)."""
+        hashes = ["0" * 64] * (1 + len(self.finetuned)) if placeholder else self.hasher.result()
+        return {
+            "pretrained": {"file": self.pretrained.path.name, "sha256": hashes[0]},
+            "finetuned": [{"file": r.path.name, "sha256": h} for r, h in zip(self.finetuned, hashes[1:], strict=True)],
+        }
+
+
+def _describe_keys(keys: set[str]) -> str:
+    shown = ", ".join(sorted(keys)[:3])
+    return f"{len(keys)} key(s) ({shown}{', ...' if len(keys) > 3 else ''})"
+
+
+def check_compatible(pretrained: CheckpointReader, finetuned: Sequence[CheckpointReader]) -> dict[str, TensorMeta]:
+    """Same key set, shapes and dtypes as θ0 in every fine-tune; returns θ0's layout."""
+    layout = {key: pretrained.meta(key) for key in pretrained.keys()}
+    if not layout:
+        raise CheckpointError(f"{pretrained.path}: holds no tensors")
+    expected = set(layout)
+    for reader in finetuned:
+        keys = set(reader.keys())
+        missing, extra = expected - keys, keys - expected
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {_describe_keys(missing)} that {pretrained.path.name} has")
+            if extra:
+                parts.append(f"has {_describe_keys(extra)} that {pretrained.path.name} lacks")
+            raise IncompatibleCheckpointsError(f"{reader.path}: key sets differ: {'; '.join(parts)}")
+        for key, want in layout.items():
+            got = reader.meta(key)
+            if got.shape != want.shape:
+                raise IncompatibleCheckpointsError(
+                    f"{reader.path}: key {key!r} has shape {list(got.shape)}, pretrained has {list(want.shape)}"
+                )
+            if got.dtype != want.dtype:
+                raise IncompatibleCheckpointsError(
+                    f"{reader.path}: key {key!r} has dtype {got.dtype}, pretrained has {want.dtype}"
+                )
+    return layout
+
+
+def open_checkpoint_set(
+    pretrained: str | Path, finetuned: Sequence[str | Path], trust_pickle: bool = False
+) -> CheckpointSet:
+    """Open and validate θ0 and the fine-tunes, and start hashing them in the background.
+
+    Tasks get a canonical order that depends only on file contents: a quick identity (size,
+    header, sampled blocks), with full sha256 hashes only to break ties between files it cannot
+    tell apart, so that the merge result does not depend on the order the user gave.
+    """
+    if not finetuned:
+        raise ConfigError("at least one fine-tuned checkpoint is needed")
+    with ExitStack() as stack:
+        base = stack.enter_context(open_checkpoint(pretrained, trust_pickle))
+        tuned = [stack.enter_context(open_checkpoint(p, trust_pickle)) for p in finetuned]
+        layout = check_compatible(base, tuned)
+        quick = [quick_identity(r.path) for r in tuned]
+        tied = {i for i in range(len(tuned)) if quick.count(quick[i]) > 1}
+        full = {i: sha256_file_cached(tuned[i].path) for i in tied}
+        order = tuple(sorted(range(len(tuned)), key=lambda i: (quick[i], full.get(i, ""), i)))
+        hasher = BackgroundHasher([base.path, *(r.path for r in tuned)])
+        stack.pop_all()
+    return CheckpointSet(base, tuned, layout, order, hasher)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a float tensor holds no NaN/Inf.
+
+    A finite sum proves it (NaN propagates; ±inf stays inf or becomes NaN), and one reduction is
+    several times cheaper than an elementwise ``isfinite``; only a non-finite sum (NaN/Inf, or a
+    finite overflow) needs the exact check.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def load_checked(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """Load one tensor, refusing NaN/Inf in floating-point data."""
+    tensor = reader.load(key)
+    if tensor.dtype.is_floating_point and not all_finite(tensor):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{reader.path}: key {key!r} holds {bad} NaN/Inf value(s)")
+    return tensor
+
+
+class _Source(TensorSource):
+    def __init__(self, checkpoints: CheckpointSet, device: torch.device, dtype: torch.dtype):
+        self.checkpoints, self.device, self.dtype = checkpoints, device, dtype
+
+    def _to(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def iter_all(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        for key in keys:
+            base = self._to(load_checked(self.checkpoints.pretrained, key))
+            yield key, base, [self._to(load_checked(r, key)) for r in self.checkpoints.canonical]
+
+    def iter_task(self, keys: Sequence[str], task: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        reader = self.checkpoints.canonical[task]
+        for key in keys:
+            yield key, self._to(load_checked(self.checkpoints.pretrained, key)), self._to(load_checked(reader, key))
+
+
+class _Progress:
+    """Logs progress at most every few seconds and at the end."""
+
+    def __init__(self, label: str, total: int, every_s: float = 5.0):
+        self.label, self.total, self.every_s = label, total, every_s
+        self.start = self.last = time.perf_counter()
+
+    def step(self, done: int) -> None:
+        now = time.perf_counter()
+        if done == self.total or now - self.last >= self.every_s:
+            self.last = now
+            log.info(
+                "%s: %d/%d keys (%.0f%%), %.1f s",
+                self.label,
+                done,
+                self.total,
+                100 * done / self.total,
+                now - self.start,
+            )
+
+
+def fingerprint(method: str, params: MethodParams, checkpoints: CheckpointSet, precision: str) -> str:
+    """Content identity of one merge result: method, parameters, input hashes, precision, version."""
+    record = {
+        "method": method,
+        "params": params_record(params),
+        "inputs": [checkpoints.pretrained_sha256, *checkpoints.finetuned_sha256],
+        "precision": precision,
+        "version": mergeflow.__version__,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def output_metadata(
+    method: str,
+    params: MethodParams,
+    merger: Merger,
+    checkpoints: CheckpointSet,
+    precision: str,
+    device: torch.device,
+    placeholder: bool = False,
+) -> dict[str, str]:
+    """Provenance stored in every output; ``placeholder`` stands in zeros for hashes not known yet."""
+    selector = params.selector()
+    return {
+        "format": "pt",
+        "mergeflow.version": mergeflow.__version__,
+        "mergeflow.method": method,
+        "mergeflow.params": json.dumps(params_record(params), sort_keys=True),
+        "mergeflow.inputs": json.dumps(checkpoints.inputs_record(placeholder)),
+        "mergeflow.selection": json.dumps(
+            {
+                "selector": selector.describe() if selector else None,
+                "layout": detect_layout(list(checkpoints.layout)),
+                "keys": sorted(merger.selected),
+            }
+        ),
+        "mergeflow.precision": precision,
+        "mergeflow.device": device.type,
+        "mergeflow.fingerprint": "0" * 64 if placeholder else fingerprint(method, params, checkpoints, precision),
+    }
+
+
+def stream_merge(
+    checkpoints: CheckpointSet,
+    method: str,
+    params_grid: Sequence[MethodParams],
+    sinks: Sequence[Sequence[Sink]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Merge every key for each parameter set of ``method`` and stream results into ``sinks``.
+
+    ``sinks[g]`` holds one sink for grid point ``g`` (or T sinks, in the user's task order, for
+    per-task methods). Sinks are committed at the end, or aborted on any error.
+    """
+    spec = get_method(method)
+    ctx = MergeContext(len(checkpoints.finetuned), checkpoints.layout, device, dtype, checkpoints.task_order)
+    mergers = [spec.merger(p, ctx) for p in params_grid]
+    source = _Source(checkpoints, device, dtype)
+    all_sinks = [s for group in sinks for s in group]
+    try:
+        for merger in mergers:
+            merger.prepare(source)
+        keys = sorted(checkpoints.layout)
+        progress = _Progress(f"{method} x{len(mergers)}" if len(mergers) > 1 else method, len(keys))
+        for done, key in enumerate(keys, 1):
+            meta = checkpoints.layout[key]
+            base_raw = load_checked(checkpoints.pretrained, key)
+            tuned_raw = [load_checked(r, key) for r in checkpoints.canonical]
+            if not meta.is_float:
+                for reader, tensor in zip(checkpoints.canonical, tuned_raw, strict=True):
+                    if not torch.equal(tensor, base_raw):
+                        raise IncompatibleCheckpointsError(
+                            f"{reader.path}: non-float key {key!r} differs from the pretrained checkpoint's"
+                        )
+                for sink in all_sinks:
+                    sink.write(key, base_raw)
+            else:
+                base = base_raw.to(device=device, dtype=dtype)
+                tuned = [t.to(device=device, dtype=dtype) for t in tuned_raw]
+                del tuned_raw
+                if len(mergers) == 1:
+                    results: Iterable[torch.Tensor | list[torch.Tensor]] = [mergers[0].merge(key, base, tuned)]
+                else:  # produced lazily: one grid point's tensor in memory at a time
+                    results = mergers[0].merge_grid(key, base, tuned, mergers)
+                for group, result in zip(sinks, results, strict=True):
+                    if isinstance(result, list):  # per-task outputs, canonical order -> user order
+                        for position, tensor in enumerate(result):
+                            group[checkpoints.task_order[position]].write(key, tensor.to(meta.dtype))
+                    else:
+                        group[0].write(key, result.to(meta.dtype))
+            progress.step(done)
+        for sink in all_sinks:
+            sink.commit()
+    except BaseException:
+        for sink in all_sinks:
+            sink.abort()
+        raise
+
+
+@dataclass
+class MergeResult:
+    method: str
+    params: dict[str, Any]
+    outputs: list[Path]
+    seconds: float
+    skipped: bool
+    inputs: dict[str, Any]
+
+
+def _existing_fingerprint(path: Path) -> str | None:
+    try:
+        with SafetensorsReader(path) as reader:
+            return reader.metadata.get("mergeflow.fingerprint")
+    except CheckpointError:
+        return None
+
+
+def task_output_paths(directory: Path, finetuned: Sequence[str | Path]) -> list[Path]:
+    """File names of per-task outputs (``cart_indexing``): ``NN-<stem>.safetensors`` in user order."""
+    return [directory / f"{i:02d}-{Path(p).name.split('.')[0]}.safetensors" for i, p in enumerate(finetuned)]
+
+
+def merge_checkpoints(
+    method: str,
+    pretrained: str | Path,
+    finetuned: Sequence[str | Path],
+    output: str | Path,
+    params: Mapping[str, Any] | MethodParams | None = None,
+    *,
+    device: str = "auto",
+    precision: str = "float32",
+    trust_pickle: bool = False,
+    force: bool = False,
+) -> MergeResult:
+    """Merge θ0 and fine-tunes with ``method`` and write safetensors atomically.
+
+    ``output`` is a file, or a directory for per-task methods (one file per fine-tune). When the
+    outputs already exist with the same fingerprint (same method, parameters, input contents,
+    precision and mergeflow version), nothing is recomputed unless ``force``.
+    """
+    spec = get_method(method)
+    parsed = parse_params(method, params)
+    torch_device, dtype = resolve_device(device), resolve_precision(precision)
+    output = Path(output)
+    start = time.perf_counter()
+    checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle)
+    try:
+        ctx = MergeContext(len(finetuned), checkpoints.layout, torch_device, dtype, checkpoints.task_order)
+        probe = spec.merger(parsed, ctx)
+        paths = task_output_paths(output, finetuned) if spec.per_task_outputs else [output]
+        if output.is_dir() and not spec.per_task_outputs:
+            raise ConfigError(f"{output}: is a directory; {method} writes one file")
+        existing = [_existing_fingerprint(p) for p in paths]
+        if not force and all(existing):  # only then are the hashes needed before merging
+            if set(existing) == {fingerprint(method, parsed, checkpoints, precision)}:
+                log.info("%s: %s is up to date (same inputs and parameters), skipping", method, output)
+                return MergeResult(method, params_record(parsed), paths, 0.0, True, checkpoints.inputs_record())
+
+        def metadata(index: int, placeholder: bool) -> dict[str, str]:
+            meta = output_metadata(method, parsed, probe, checkpoints, precision, torch_device, placeholder)
+            if spec.per_task_outputs:
+                meta["mergeflow.task"] = json.dumps({"index": index, "file": checkpoints.finetuned[index].path.name})
+            return meta
+
+        writers: list[Sink] = []
+        try:
+            for index, path in enumerate(paths):
+                writers.append(
+                    SafetensorsWriter(
+                        path,
+                        checkpoints.layout,
+                        metadata(index, placeholder=True),
+                        final_metadata=lambda index=index: metadata(index, placeholder=False),
+                    )
+                )
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        log.info(
+            "%s %s: %d fine-tunes, %d keys, %d matrices factorized, %s/%s",
+            method, params_record(parsed), len(finetuned), len(checkpoints.layout), len(probe.selected),
+            torch_device.type, precision,
+        )  # fmt: skip
+        stream_merge(checkpoints, method, [parsed], [writers], device=torch_device, dtype=dtype)
+        inputs = checkpoints.inputs_record()
+    finally:
+        checkpoints.close()
+    seconds = time.perf_counter() - start
+    log.info("%s: wrote %s in %.1f s", method, output, seconds)
+    return MergeResult(method, params_record(parsed), paths, seconds, False, inputs)

@@ -1,0 +1,149 @@
+"""Content hashes of files, streamed in chunks, with a stat-keyed cache.
+
+A file's sha256 is remembered in ``$MERGEFLOW_CACHE_DIR/sha256.json`` (default
+``~/.cache/mergeflow``) under its real path together with its device, inode, size and mtime in
+nanoseconds; any change to those makes the entry stale and the file is hashed again (the rule DVC
+and git use). File timestamps can be as coarse as a kernel tick, so a file modified within the
+same tick as its hashing could keep its stat: like git's "racy" rule, files younger than
+``RACY_SECONDS`` are never remembered. ``MERGEFLOW_HASH_CACHE=0`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+_CHUNK = 8 << 20
+
+
+class HashCancelled(Exception):
+    """Raised inside a background hash when its owner no longer needs it."""
+
+
+def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB chunks (memory does not grow with file size)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)  # reused: no fresh pages per chunk
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(view):
+            if cancel is not None and cancel.is_set():
+                raise HashCancelled(str(path))
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def sha256_files(paths: Sequence[str | Path], workers: int = 2) -> list[str]:
+    """Hashes of several files, computed in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def quick_identity(path: str | Path, samples: int = 16, block: int = 1 << 16) -> str:
+    """A cheap content digest: file size, the first 1 MiB and ``samples`` evenly spaced blocks.
+
+    Deterministic in the file's bytes, so it can order files canonically; files it cannot tell
+    apart need a full :func:`sha256_file` to break the tie.
+    """
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    digest.update(size.to_bytes(8, "little"))
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        for i in range(samples):
+            handle.seek(max(0, (size - block) * i // max(1, samples - 1)))
+            digest.update(handle.read(block))
+    return digest.hexdigest()
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("MERGEFLOW_HASH_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("MERGEFLOW_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mergeflow")
+    return Path(root) / "sha256.json"
+
+
+def _stat_key(path: str | Path) -> tuple[str, list[int]]:
+    st = os.stat(path)
+    return os.path.realpath(path), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+_cache_lock = threading.Lock()
+RACY_SECONDS = 2.0
+
+
+def cached_sha256(path: str | Path) -> str | None:
+    """The remembered hash of ``path`` if the file is unchanged since it was hashed, else None."""
+    cache = _cache_file()
+    if cache is None:
+        return None
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    name, stat = _stat_key(path)
+    entry = entries.get(name) if isinstance(entries, dict) else None
+    if isinstance(entry, dict) and entry.get("stat") == stat and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    return None
+
+
+def remember_sha256(path: str | Path, digest: str, stat: list[int]) -> None:
+    """Record a hash computed for the file state ``stat`` (taken before hashing); best effort."""
+    cache = _cache_file()
+    if cache is None:
+        return
+    name, now = _stat_key(path)
+    if now != stat or time.time_ns() - stat[3] < RACY_SECONDS * 1e9:  # changed, or too recent to trust
+        return
+    with _cache_lock:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                entries = json.loads(cache.read_text())
+            except (OSError, ValueError):
+                entries = {}
+            entries = entries if isinstance(entries, dict) else {}
+            entries[name] = {"stat": stat, "sha256": digest}
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".sha256.")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(entries, handle)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+
+
+def sha256_file_cached(path: str | Path, cancel: threading.Event | None = None) -> str:
+    """sha256 of a file, from the stat-keyed cache when the file is unchanged."""
+    hit = cached_sha256(path)
+    if hit is not None:
+        return hit
+    _, stat = _stat_key(path)
+    digest = sha256_file(path, cancel)
+    remember_sha256(path, digest, stat)
+    return digest
+
+
+class BackgroundHasher:
+    """Full sha256 of several files computed in one background thread (cached hashes are instant)."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self._cancel = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._futures: list[Future[str]] = [self._pool.submit(sha256_file_cached, p, self._cancel) for p in paths]
+
+    def result(self) -> list[str]:
+        """Every hash, waiting for the ones still running."""
+        return [f.result() for f in self._futures]
+
+    def close(self) -> None:
+        """Stop work that is no longer needed; idempotent."""
+        self._cancel.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,26 @@
+"""Merge methods. Importing this package registers every method."""
+
+from __future__ import annotations
+
+from mergeflow.methods import averaging, cart, consensus, singular, ties  # noqa: F401  (registration)
+from mergeflow.methods.registry import (
+    MergeContext,
+    Merger,
+    MethodParams,
+    MethodSpec,
+    get_method,
+    method_names,
+    params_record,
+    parse_params,
+)
+
+__all__ = [
+    "MergeContext",
+    "Merger",
+    "MethodParams",
+    "MethodSpec",
+    "get_method",
+    "method_names",
+    "params_record",
+    "parse_params",
+]

@@ -1,0 +1,112 @@
+"""CART: centred arithmetic with rank-reduced task vectors (Choi et al., arXiv 2412.12153).
+
+θ_CART = θ_avg + λ · Σt SVD_k(θt − θ_avg) on the selected matrices; every other tensor is θ_avg.
+k = max(1, ⌊rank_ratio · min(m, n)⌋); rank_ratio 0 adds nothing. Because the centred vectors
+τ̄t = θt − θ_avg sum to zero, full rank (and T = 2, where τ̄2 = −τ̄1) gives back θ_avg for any λ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergeflow.linalg import low_rank, rank_from_ratio, top_svd
+from mergeflow.methods.averaging import weight_average
+from mergeflow.methods.registry import MatrixParams, Merger, register
+
+
+def centred_task_vectors(tuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ_avg, stacked τ̄t = θt − θ_avg); the τ̄t sum to zero over t."""
+    average = weight_average(tuned)
+    return average, torch.stack(list(tuned)) - average
+
+
+def cart_low_rank_sum(centred: torch.Tensor, k: int, solver: str = "gram") -> torch.Tensor:
+    """Σt SVD_k(τ̄t) for stacked centred matrices (T × m × n)."""
+    total = torch.zeros_like(centred[0])
+    for tau in centred:
+        total += low_rank(tau, k, solver)
+    return total
+
+
+def cart_low_rank_sums(centred: torch.Tensor, ranks: Sequence[int], solver: str = "gram") -> dict[int, torch.Tensor]:
+    """Σt SVD_k(τ̄t) for several k from one factorization per task.
+
+    Each task's top-k_max triplets are computed once; sums for increasing k are built
+    incrementally, so R ranks cost one SVD pass plus one rank-k_max reconstruction per task.
+    """
+    wanted = sorted(set(ranks))
+    full = min(centred.shape[-2:])
+    out: dict[int, torch.Tensor] = {}
+    partial = [k for k in wanted if 0 < k < full]
+    for k in wanted:
+        if k <= 0:
+            out[k] = torch.zeros_like(centred[0])
+        elif k >= full:
+            out[k] = centred.sum(dim=0)
+    if partial:
+        k_max = partial[-1]
+        factors = [top_svd(tau, k_max, solver) for tau in centred]
+        running = torch.zeros_like(centred[0])
+        previous = 0
+        for k in partial:
+            for u, s, vh in factors:
+                running += (u[:, previous:k] * s[previous:k]) @ vh[previous:k]
+            out[k] = running.clone()
+            previous = k
+    return out
+
+
+class CartParams(MatrixParams):
+    scaling: float = Field(2.0, description="λ in θ_avg + λ·Σt SVD_k(τ̄t)")
+    rank_ratio: float = Field(0.12, ge=0.0, le=1.0, description="k = max(1, ⌊rank_ratio·min(m, n)⌋); 0 adds nothing")
+    selector_name: Literal["attn_mlp", "all_2d"] = Field(
+        "attn_mlp", alias="selector", description="named rule choosing the matrices to factorize"
+    )
+
+
+@register("cart", CartParams, "θ_avg + scaling·Σt SVD_k(θt − θ_avg) on selected matrices, θ_avg elsewhere")
+class Cart(Merger):
+    params: CartParams
+
+    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+        if key not in self.selected:
+            return weight_average(tuned)
+        average, centred = centred_task_vectors(tuned)
+        k = rank_from_ratio(self.params.rank_ratio, tuple(base.shape))
+        return average + self.params.scaling * cart_low_rank_sum(centred, k, self.params.svd_solver)
+
+    def merge_grid(
+        self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
+    ) -> Iterator[torch.Tensor | list[torch.Tensor]]:
+        """All (rank_ratio, scaling) points of a sweep from one factorization per task."""
+        solvers = {getattr(m.params, "svd_solver", None) for m in grid}
+        if (
+            key not in self.selected
+            or len(solvers) != 1
+            or any(not isinstance(m, Cart) or m.selected != self.selected for m in grid)
+        ):
+            return super().merge_grid(key, base, tuned, grid)
+        average, centred = centred_task_vectors(tuned)
+        shape = tuple(base.shape)
+        points = [m.params for m in grid if isinstance(m.params, CartParams)]
+        ranks = [rank_from_ratio(p.rank_ratio, shape) for p in points]
+        sums = cart_low_rank_sums(centred, ranks, solvers.pop())
+        return (average + p.scaling * sums[k] for p, k in zip(points, ranks, strict=True))
+
+
+@register("cart_indexing", CartParams, "one model per task: θ_avg + scaling·SVD_k(θt − θ_avg)")
+class CartIndexing(Merger):
+    params: CartParams
+    per_task_outputs = True
+
+    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> list[torch.Tensor]:
+        if key not in self.selected:
+            average = weight_average(tuned)
+            return [average] * len(tuned)
+        average, centred = centred_task_vectors(tuned)
+        k = rank_from_ratio(self.params.rank_ratio, tuple(base.shape))
+        return [average + self.params.scaling * low_rank(tau, k, self.params.svd_solver) for tau in centred]

@@ -1,0 +1,56 @@
+"""Consensus merging with TALL masks (Wang et al., "Localizing Task Information")."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, field_validator
+
+from mergeflow.errors import ConfigError
+from mergeflow.methods.registry import MergeContext, Merger, MethodParams, register
+
+
+def tall_masks(taus: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """mask_t = |τt| > λt · |Σs τs − τt| (strict), stacked over tasks."""
+    total = taus.sum(dim=0)
+    view = lambdas.reshape((-1,) + (1,) * (taus.ndim - 1))
+    return taus.abs() > view * (total - taus).abs()
+
+
+def consensus_merge(taus: torch.Tensor, lambdas: torch.Tensor, min_tasks: int) -> torch.Tensor:
+    """(Σt τt) ⊙ 1[Σt mask_t ≥ min_tasks]: keep weights that at least ``min_tasks`` tasks use."""
+    votes = tall_masks(taus, lambdas).sum(dim=0)
+    return taus.sum(dim=0) * (votes >= min_tasks)
+
+
+class ConsensusParams(MethodParams):
+    mask_lambda: float | tuple[float, ...] = Field(0.4, description="λt of the TALL masks: one value or one per task")
+    min_tasks: int = Field(2, ge=0, description="keep weights used by at least this many tasks")
+    scaling: float = Field(1.0, description="α in θ0 + α·(consensus ⊙ Σt τt)")
+
+    @field_validator("mask_lambda")
+    @classmethod
+    def _non_negative(cls, value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or any(v < 0 for v in values):
+            raise ValueError("mask_lambda must be non-negative (one value or one per task)")
+        return value
+
+
+@register("consensus", ConsensusParams, "TALL masks on Σt τt, keep weights used by ≥ min_tasks tasks")
+class Consensus(Merger):
+    params: ConsensusParams
+
+    def __init__(self, params: ConsensusParams, ctx: MergeContext):
+        super().__init__(params, ctx)
+        lam = params.mask_lambda
+        if isinstance(lam, tuple):
+            if len(lam) != ctx.num_tasks:
+                raise ConfigError(f"consensus: mask_lambda has {len(lam)} values for {ctx.num_tasks} tasks")
+            per_task = [lam[i] for i in ctx.task_order]  # user order -> canonical order
+        else:
+            per_task = [lam] * ctx.num_tasks
+        self.lambdas = torch.tensor(per_task, dtype=ctx.dtype, device=ctx.device)
+
+    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+        taus = torch.stack(tuned) - base
+        return base + self.params.scaling * consensus_merge(taus, self.lambdas, self.params.min_tasks)

@@ -1,0 +1,173 @@
+"""One registry of merge methods.
+
+A method is a :class:`Merger` subclass registered under a public name together with a frozen
+pydantic parameter model. That model is the single description of the method's parameters: it
+validates ``params.yaml`` entries and ``--set`` overrides, becomes Prefect flow parameters, and its
+``model_dump`` is what MLflow records and what is written into each output's metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from mergeflow.checkpoint import TensorMeta
+from mergeflow.errors import ConfigError
+from mergeflow.selectors import MatrixSelector, make_selector
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def selector(self) -> MatrixSelector | None:
+        return None
+
+
+class MatrixParams(MethodParams):
+    """Parameters shared by methods that factorize selected 2-D matrices."""
+
+    selector_name: Literal["attn_mlp", "all_2d"] = Field(
+        "all_2d", alias="selector", description="named rule choosing the matrices to factorize"
+    )
+    exclude: tuple[str, ...] = Field((), description="fnmatch globs of keys never treated as matrices")
+    svd_solver: Literal["gram", "full"] = Field(
+        "gram", description="'gram': Gram eigendecomposition + Rayleigh-Ritz (fast); 'full': LAPACK SVD"
+    )
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def selector(self) -> MatrixSelector:
+        return make_selector(self.selector_name, self.exclude)
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What a merger knows about the run besides its parameters."""
+
+    num_tasks: int
+    layout: Mapping[str, TensorMeta]
+    device: torch.device
+    dtype: torch.dtype
+    # task_order[i] = the user's index of the task in canonical position i (tasks are sorted by
+    # content hash so that the result cannot depend on the order the user listed them in).
+    task_order: tuple[int, ...]
+
+    @property
+    def float_keys(self) -> list[str]:
+        return [k for k, m in self.layout.items() if m.is_float]
+
+
+class TensorSource:
+    """Access to the inputs for methods that need a pass over the whole model before merging."""
+
+    def iter_all(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """Yield ``(key, θ0, [θ1..θT])`` in compute dtype on the compute device."""
+        raise NotImplementedError
+
+    def iter_task(self, keys: Sequence[str], task: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Yield ``(key, θ0, θ_task)``: one fine-tune at a time keeps memory at one model."""
+        raise NotImplementedError
+
+
+class Merger:
+    """Turns (θ0, [θt]) for one key into the merged tensor (or one tensor per task).
+
+    ``merge`` gets float tensors in the compute dtype on the compute device, tasks in canonical order.
+    """
+
+    per_task_outputs: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams, ctx: MergeContext):
+        self.params = params
+        self.ctx = ctx
+        selector = params.selector()
+        self.selected: frozenset[str] = frozenset(selector.select(ctx.layout) if selector else ())
+
+    def prepare(self, source: TensorSource) -> None:
+        """Optional pass over the inputs (global statistics) before the streaming merge."""
+
+    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        raise NotImplementedError
+
+    def merge_grid(
+        self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
+    ) -> Iterator[torch.Tensor | list[torch.Tensor]]:
+        """Merge one key for several parameter sets of this method, lazily (default: one by one)."""
+        return (merger.merge(key, base, tuned) for merger in grid)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    params: type[MethodParams]
+    merger: type[Merger]
+    summary: str
+
+    @property
+    def per_task_outputs(self) -> bool:
+        return self.merger.per_task_outputs
+
+    def parameter_help(self) -> list[str]:
+        lines = []
+        for name, info in self.params.model_fields.items():
+            public = info.alias or name
+            default = info.get_default(call_default_factory=True)
+            lines.append(f"{public}={default!r}: {info.description or ''}".rstrip(": "))
+        return lines
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, params: type[MethodParams], summary: str) -> Callable[[type[Merger]], type[Merger]]:
+    """Class decorator adding a merger to the registry under ``name``."""
+
+    def decorate(cls: type[Merger]) -> type[Merger]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = MethodSpec(name, params, cls, summary)
+        return cls
+
+    return decorate
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def parse_params(method: str, values: Mapping[str, Any] | MethodParams | None = None) -> MethodParams:
+    """Validate raw parameter values for ``method``; any problem is one :class:`ConfigError` line."""
+    spec = get_method(method)
+    if isinstance(values, spec.params):
+        return values
+    if isinstance(values, MethodParams):
+        values = values.model_dump(by_alias=True)
+    try:
+        return spec.params.model_validate(dict(values or {}))
+    except PydanticValidationError as exc:
+        known = ", ".join(info.alias or name for name, info in spec.params.model_fields.items()) or "none"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or method}: "
+            + (f"unknown parameter (known: {known})" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid parameters for {method}: {problems}") from None
+
+
+def params_record(params: MethodParams) -> dict[str, Any]:
+    """Plain JSON-able view of parameters under their public names (metadata, MLflow, reports)."""
+    return params.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,117 @@
+"""TIES merging: trim each task vector, elect a sign per entry, merge the agreeing entries.
+
+Matches the original TIES code and FusionBench: with ``scope='global'`` one top-k per task over the
+whole flattened model (every float key, 1-D included); with ``scope='tensor'`` one per tensor (the
+mergekit/PEFT convention).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergeflow.methods.registry import Merger, MethodParams, TensorSource, register
+
+
+def trim_threshold(abs_values: torch.Tensor, density: float) -> float:
+    """|τ| threshold keeping the top ``density`` fraction: the (d − ⌊d·density⌋)-th smallest |τ|.
+
+    Every entry with |τ| ≥ threshold is kept (⌊d·density⌋ + 1 entries plus ties at the threshold).
+    density 1 keeps everything. On the CPU the values are reordered in place (callers pass a buffer
+    they own).
+    """
+    flat = abs_values.reshape(-1)
+    d = flat.numel()
+    k = d - int(d * density)
+    if k <= 0 or d == 0:
+        return float("-inf")
+    if flat.device.type == "cpu":
+        # introselect in place: no copy of the values and no int64 index tensor (kthvalue makes both)
+        array = flat.contiguous().numpy()
+        array.partition(k - 1)
+        return float(array[k - 1])
+    return flat.kthvalue(k).values.item()
+
+
+def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Zero every entry of task t with |τt| below thresholds[t]; ``taus`` is stacked over tasks."""
+    view = thresholds.reshape((-1,) + (1,) * (taus.ndim - 1))
+    return taus * (taus.abs() >= view)
+
+
+def elect_sign(trimmed: torch.Tensor, zero_sign: torch.Tensor | float) -> torch.Tensor:
+    """γ = sign(Σt trimmed τt); entries where the sum is exactly 0 take ``zero_sign``."""
+    sign = torch.sign(trimmed.sum(dim=0))
+    return torch.where(sign == 0, torch.as_tensor(zero_sign, dtype=sign.dtype, device=sign.device), sign)
+
+
+def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge: str) -> torch.Tensor:
+    """Combine the entries that agree with γ (τ > 0 where γ > 0, τ < 0 elsewhere).
+
+    sum: Σ selected; mean: Σ selected / max(1, #nonzero selected); max: γ · max |selected|.
+    """
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * agree
+    if merge == "sum":
+        return selected.sum(dim=0)
+    if merge == "mean":
+        count = (selected != 0).sum(dim=0).clamp(min=1)
+        return selected.sum(dim=0) / count
+    if merge == "max":
+        return selected.abs().amax(dim=0) * sign
+    raise ValueError(f"unknown TIES merge rule {merge!r}")
+
+
+class TiesParams(MethodParams):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept per task")
+    merge: Literal["mean", "sum", "max"] = Field("mean", description="disjoint merge rule")
+    scope: Literal["global", "tensor"] = Field("global", description="top-k over the whole model or per tensor")
+    scaling: float = Field(1.0, description="λ in θ0 + λ·merged")
+
+
+@register("ties", TiesParams, "trim to top density, elect sign, disjoint merge; θ0 + scaling·merged")
+class Ties(Merger):
+    params: TiesParams
+
+    def prepare(self, source: TensorSource) -> None:
+        self.thresholds: torch.Tensor | None = None
+        self.majority: float = 0.0
+        if self.params.scope != "global":
+            return
+        keys = self.ctx.float_keys
+        total = sum(self.ctx.layout[k].numel for k in keys)
+        thresholds = []
+        for task in range(self.ctx.num_tasks):
+            # One task's |τ| over the whole model: memory is one model, whatever T is.
+            buffer = torch.empty(total, dtype=self.ctx.dtype, device=self.ctx.device)
+            offset = 0
+            for _, base, tuned in source.iter_task(keys, task):
+                n = base.numel()
+                torch.sub(tuned, base, out=buffer[offset : offset + n].view(base.shape)).abs_()
+                offset += n
+            thresholds.append(trim_threshold(buffer, self.params.density))
+            del buffer
+        self.thresholds = torch.tensor(thresholds, dtype=self.ctx.dtype, device=self.ctx.device)
+        # Zero-sum entries take the sign of Σ γ over the whole model (a second pass).
+        sign_total = 0
+        for _, base, tuned in source.iter_all(keys):
+            trimmed = trim(torch.stack(tuned) - base, self.thresholds)
+            sign_total += int(torch.sign(trimmed.sum(dim=0)).sum().item())
+        self.majority = float((sign_total > 0) - (sign_total < 0))
+
+    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+        taus = torch.stack(tuned) - base
+        if self.params.scope == "global":
+            assert self.thresholds is not None, "prepare() must run before merge()"
+            thresholds, zero_sign = self.thresholds, self.majority
+            trimmed = trim(taus, thresholds)
+        else:
+            thresholds = torch.tensor(
+                [trim_threshold(t.abs(), self.params.density) for t in taus], dtype=taus.dtype, device=taus.device
+            )
+            trimmed = trim(taus, thresholds)
+            zero_sign = torch.sign(torch.sign(trimmed.sum(dim=0)).sum())
+        sign = elect_sign(trimmed, zero_sign)
+        return base + self.params.scaling * disjoint_merge(trimmed, sign, self.params.merge)

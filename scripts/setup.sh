@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (Python >= 3.11) and install mergeflow with everything it needs. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=""
+for candidate in python3.11 python3.12 python3.13 python3; do
+  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    PY="$candidate"; break
+  fi
+done
+if [ -z "$PY" ]; then
+  echo "mergeflow needs Python >= 3.11 (e.g. apt-get install python3.11 python3.11-venv)" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch/torchvision first, pinned: open_clip needs a torchvision built for the same torch.
+python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+python -m pip install --quiet -e ".[test]"

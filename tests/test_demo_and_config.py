@@ -1,0 +1,78 @@
+"""params.yaml validation, the offline demo, and a smoke run of the benchmark script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeflow.config import load_config
+from mergeflow.demo import run_demo
+from mergeflow.errors import ConfigError
+from mergeflow.methods import method_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_yaml_is_valid_and_lists_every_method() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    assert set(cfg.methods) == set(method_names())
+    assert cfg.method_params()["cart"].rank_ratio == 0.12
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"methods": {"nope": {}}}, "unknown merge method 'nope'"),
+        ({"methods": {"ties": {"density": 0}}}, "density"),
+        ({"device": "tpu"}, "device"),
+        ({"demo": {"tasks": 0}}, "demo.tasks"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_params_are_reported_before_any_work(tmp_path: Path, content: dict, message: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ConfigError, match=message):
+        run_demo(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_merges_every_method_and_writes_the_report(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["demo"] = {"model": "bert-tiny", "tasks": 3, "seed": 1}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    rows = run_demo(path, tmp_path / "out")
+    assert [r["method"] for r in rows] == list(params["methods"])
+    for row in rows:
+        assert len(row["cosine"]) == 3 and all(-1.0 <= c <= 1.0 for c in row["cosine"])
+        assert all(Path(p).exists() for p in row["outputs"])
+    by_method = {r["method"]: r for r in rows}
+    # weight averaging's merged task vector is the mean task vector: norm ratio exactly 1
+    assert by_method["weight_average"]["norm_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert by_method["task_arithmetic"]["norm_ratio"] == pytest.approx(0.3 * 3, rel=1e-6)
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text()).keys() == set(params["methods"])
+    assert "| cart |" in (out / "report.md").read_text()
+    assert (out / "alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = run_demo(path, out)  # second run: every merge is found up to date
+    assert all(r["cached"] for r in again)
+
+
+def test_benchmark_script_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_merge.py"), "--model", "vit-tiny", "--tasks", "3",
+         "--data", str(tmp_path / "data"), "--out", str(tmp_path / "res"), "--methods", "cart", "ties"],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "res" / "results.json").read_text())
+    rows = report["rows"]
+    assert {"cart", "ties", "cart grid 8 ratios x 10 scalings"} <= set(rows)
+    assert rows["straightforward CART (in memory, full SVD)"]["max_relative_difference"] < 1e-5
+    assert "| cart |" in (tmp_path / "res" / "results.md").read_text()

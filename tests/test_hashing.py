@@ -1,0 +1,67 @@
+"""sha256 of inputs: the stat-keyed cache must never return a stale hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mergeflow.hashing import cached_sha256, quick_identity, sha256_file, sha256_file_cached
+
+
+def _age(path: Path, seconds: float) -> None:
+    past = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(past, past))
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_sha256_matches_hashlib_across_chunks(tmp_path: Path) -> None:
+    data = os.urandom((8 << 20) + 12345)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_cache_hit_for_unchanged_old_file_and_miss_after_change(tmp_path: Path, cache_dir: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 1000)
+    _age(path, 60)
+    first = sha256_file_cached(path)
+    assert cached_sha256(path) == first == hashlib.sha256(b"a" * 1000).hexdigest()
+    path.write_bytes(b"b" * 1000)  # same size, same inode
+    _age(path, 30)
+    assert cached_sha256(path) is None
+    assert sha256_file_cached(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_recently_modified_files_are_not_remembered(tmp_path: Path, cache_dir: Path) -> None:
+    path = tmp_path / "new.bin"
+    path.write_bytes(b"x" * 10)
+    sha256_file_cached(path)
+    assert cached_sha256(path) is None  # could be rewritten within the same timestamp tick
+
+
+def test_cache_can_be_disabled(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MERGEFLOW_HASH_CACHE", "0")
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"z")
+    _age(path, 60)
+    sha256_file_cached(path)
+    assert cached_sha256(path) is None and not cache_dir.exists()
+
+
+def test_quick_identity_depends_on_content(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"\0" * 5000)
+    b.write_bytes(b"\0" * 4999 + b"\1")
+    c = tmp_path / "c"
+    c.write_bytes(b"\0" * 5000)
+    assert quick_identity(a) != quick_identity(b) and quick_identity(a) == quick_identity(c)
