@@ -234,6 +234,15 @@ def load_pickled_state_dict(path: str | Path, trust_pickle: bool = False) -> dic
     return _unwrap_state_dict(obj, path)
 
 
+def sniff_format(path: str | Path) -> str:
+    """``safetensors`` (8-byte length then a JSON object) or ``pickle`` (anything else), from the bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"
+    return "pickle"
+
+
 def open_checkpoint(path: str | Path, trust_pickle: bool = False) -> CheckpointReader:
     """Open a checkpoint by its suffix: ``.safetensors`` streams; pickle formats load eagerly."""
     path = Path(path)

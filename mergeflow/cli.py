@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -43,10 +45,18 @@ def methods_help() -> str:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.engine import merge_checkpoints
 
+    pretrained, finetuned = args.pretrained, args.finetuned
+    if args.manifest:
+        if pretrained or finetuned:
+            raise MergeflowError("give either --manifest or --pretrained/--finetuned, not both")
+        manifest = json.loads(Path(args.manifest).read_text())
+        pretrained, finetuned = manifest["pretrained"], manifest["finetuned"]
+    elif not (pretrained and finetuned):
+        raise MergeflowError("--pretrained and --finetuned (or --manifest) are required")
     result = merge_checkpoints(
         args.method,
-        args.pretrained,
-        args.finetuned,
+        pretrained,
+        finetuned,
         args.output,
         parse_assignments(args.set),
         device=args.device,
@@ -69,6 +79,56 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_acquire(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_config
+    from mergeflow.presets import get_preset
+    from mergeflow.store import ArtifactStore
+
+    cfg = load_config(args.params).acquire
+    preset_name = args.preset or cfg.preset
+    store = ArtifactStore(args.store or cfg.store)
+    from_dir = Path(args.from_dir) if args.from_dir else None
+    lines = []
+    if preset_name:
+        preset = get_preset(preset_name)
+        artifacts = store.acquire_all([preset.pretrained, *preset.finetuned], from_dir)
+        manifest = {
+            "preset": preset.name,
+            "checkpoint_set": preset.checkpoint_set,
+            "pretrained": str(artifacts[0].path),
+            "finetuned": [str(a.path) for a in artifacts[1:]],
+            "tasks": preset.tasks,
+            "sha256": {a.name: a.sha256 for a in artifacts},
+        }
+        target = store.root / "manifests" / f"{preset.name}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(manifest, indent=2))
+        lines.append(f"manifest: {target}  (mergeflow merge --manifest {target} ...)")
+    else:
+        artifacts = []
+    artifacts += store.acquire_all(list(cfg.sources), from_dir)
+    if not preset_name and not cfg.sources:
+        raise MergeflowError("nothing to acquire: give --preset or list sources under acquire: in params.yaml")
+    for artifact in artifacts:
+        lines.insert(0, f"{artifact.name}\t{artifact.sha256}\t{artifact.path}")
+    if args.dvc:
+        lines.append(f"tracked: {store.track_with_dvc()}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from mergeflow.presets import PRESETS, get_preset
+
+    if args.name:
+        preset = get_preset(args.name)
+        sys.stdout.write(yaml.safe_dump(preset.model_dump(mode="json"), sort_keys=False))
+    else:
+        for preset in PRESETS.values():
+            sys.stdout.write(f"{preset.name}: {preset.description}\n")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mergeflow.demo import run_demo
 
@@ -88,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     merge.add_argument("--method", required=True, choices=method_names(), metavar="NAME")
-    merge.add_argument("--pretrained", required=True, metavar="PATH", help="θ0 (.safetensors, or .pt/.bin)")
-    merge.add_argument("--finetuned", required=True, nargs="+", metavar="PATH", help="θ1 ... θT")
+    merge.add_argument("--pretrained", metavar="PATH", help="θ0 (.safetensors, or .pt/.bin)")
+    merge.add_argument("--finetuned", nargs="+", metavar="PATH", help="θ1 ... θT")
+    merge.add_argument("--manifest", metavar="FILE", help="θ0 and fine-tunes from a `mergeflow acquire` manifest")
     merge.add_argument("--output", required=True, metavar="PATH", help="output file (a directory for cart_indexing)")
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -104,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--tasks", type=int, default=4)
     example.add_argument("--seed", type=int, default=0)
     example.set_defaults(func=_cmd_example)
+
+    acquire = sub.add_parser("acquire", help="fetch, verify, convert and store checkpoints (a preset or sources)")
+    acquire.add_argument("--preset", metavar="NAME", help="see `mergeflow presets`")
+    acquire.add_argument("--params", default="params.yaml", metavar="FILE", help="acquire: section (store, sources)")
+    acquire.add_argument("--store", metavar="DIR", help="store root (default: acquire.store in params.yaml)")
+    acquire.add_argument("--from-dir", metavar="DIR", help="files provided by hand (offline machines)")
+    acquire.add_argument("--dvc", action="store_true", help="dvc add the store afterwards")
+    acquire.set_defaults(func=_cmd_acquire)
+
+    presets = sub.add_parser("presets", help="list presets, or show one in full")
+    presets.add_argument("name", nargs="?")
+    presets.set_defaults(func=_cmd_presets)
 
     demo = sub.add_parser("demo", help="the offline demo: example checkpoints merged with every method")
     demo.add_argument("--params", default="params.yaml", metavar="FILE")

@@ -11,6 +11,8 @@ from pydantic import ValidationError as PydanticValidationError
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MethodParams, parse_params
+from mergeflow.presets import get_preset
+from mergeflow.sources import Source
 
 
 class DemoConfig(BaseModel):
@@ -21,12 +23,30 @@ class DemoConfig(BaseModel):
     seed: int = 0
 
 
+class AcquireConfig(BaseModel):
+    """Checkpoints to fetch: a preset (pretrained + fine-tunes) and/or extra sources."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: str = "data/store"
+    preset: str | None = None
+    sources: list[Source] = Field(default_factory=list)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None:
+            get_preset(value)
+        return value
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "float64"] = "float32"
     demo: DemoConfig = DemoConfig()
+    acquire: AcquireConfig = AcquireConfig()
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("methods")

@@ -1,0 +1,85 @@
+"""Where checkpoints come from: typed source declarations (params.yaml / presets).
+
+Each source names one file: a local path, an http(s) URL, a file in a Hugging Face Hub repository
+at a revision, or an open_clip pretrained model by name and tag. Optional post-processing turns it
+into the state dict that gets merged: ``select_prefix`` keeps (and strips) keys under a prefix,
+``convert`` changes layout (HF CLIP vision -> open_clip), and ``legacy_pickle`` opts in to
+converting a pickled whole module in an isolated, restricted subprocess.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+HEX64 = r"^[0-9a-fA-F]{64}$"
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="artifact name, unique within a preset (e.g. 'MNIST')")
+    sha256: str | None = Field(None, pattern=HEX64, description="expected sha256 of the fetched file")
+    select_prefix: str | None = Field(None, description="keep only keys under this prefix, and strip it")
+    exclude_keys: tuple[str, ...] = Field((), description="fnmatch globs of keys dropped after conversion")
+    convert: Literal["none", "hf_clip_vision"] = Field("none", description="layout conversion after loading")
+    legacy_pickle: bool = Field(False, description="opt in: unpickle a whole module in a restricted subprocess")
+    max_bytes: int = Field(8 << 30, gt=0, description="refuse files larger than this")
+
+    def identity(self) -> str:
+        """Stable key of what is fetched (not of the post-processing)."""
+        raise NotImplementedError
+
+
+class PathSource(_Source):
+    kind: Literal["path"] = "path"
+    path: str
+
+    def identity(self) -> str:
+        return f"path:{self.path}"
+
+
+class UrlSource(_Source):
+    kind: Literal["url"] = "url"
+    url: str = Field(pattern=r"^https?://")
+
+    def identity(self) -> str:
+        return f"url:{self.url}"
+
+
+def safe_repo_path(value: str) -> str:
+    """A relative POSIX path inside a repository: no absolute paths, no '..', no backslashes."""
+    path = PurePosixPath(value)
+    if not value or "\\" in value or path.is_absolute() or any(part in ("..", "") for part in value.split("/")):
+        raise ValueError(f"unsafe repository path {value!r}: must be relative, without '..'")
+    return value
+
+
+class HubSource(_Source):
+    kind: Literal["hf"] = "hf"
+    repo: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    filename: str
+    revision: str = Field("main", description="branch, tag or commit; the resolved commit is pinned on first use")
+    repo_type: Literal["model", "dataset"] = "model"
+
+    @field_validator("filename")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        return safe_repo_path(value)
+
+    def identity(self) -> str:
+        return f"hf:{self.repo_type}:{self.repo}:{self.filename}@{self.revision}"
+
+
+class OpenClipSource(_Source):
+    kind: Literal["open_clip"] = "open_clip"
+    model: str
+    tag: str
+
+    def identity(self) -> str:
+        return f"open_clip:{self.model}:{self.tag}"
+
+
+Source = Annotated[PathSource | UrlSource | HubSource | OpenClipSource, Field(discriminator="kind")]
