@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,73 +138,45 @@ def test_empty_file(good_set) -> None:
     _expect_failure(tmp, base_path, paths, CheckpointError, r"ft0\.safetensors.*shorter than")
 
 
-def test_mismatched_keys(good_set) -> None:
-    tmp, _, tuned, base_path, paths = good_set
-    sd = dict(tuned[1])
+def _drop_and_add(sd: dict) -> None:
     sd.pop("pooler.dense.bias")
     sd["extra.weight"] = torch.zeros(2)
-    save_file(sd, str(paths[1]))
-    _expect_failure(
-        tmp,
-        base_path,
-        paths,
-        IncompatibleCheckpointsError,
-        r"ft1\.safetensors: key sets differ: missing 1 key.*pooler\.dense\.bias.*extra\.weight",
-    )
 
 
-def test_mismatched_shape(good_set) -> None:
+def _poison_last_key(value: float) -> Callable[[dict], None]:
+    def mutate(sd: dict) -> None:
+        # the last key in sorted order: the merge has already written every other key when it fails
+        key = sorted(sd)[-1]
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[0] = value
+
+    return mutate
+
+
+BAD_FINE_TUNES = {
+    "keys": (_drop_and_add, IncompatibleCheckpointsError,
+             r"ft1\.safetensors: key sets differ: missing 1 key.*pooler\.dense\.bias.*extra\.weight"),
+    "shape": (lambda sd: sd.update({"pooler.dense.weight": torch.zeros(16, 15)}), IncompatibleCheckpointsError,
+              r"ft1\.safetensors: key 'pooler\.dense\.weight' has shape \[16, 15\]"),
+    "dtype": (lambda sd: sd.update({"pooler.dense.weight": sd["pooler.dense.weight"].half()}),
+              IncompatibleCheckpointsError, r"ft1\.safetensors: key 'pooler\.dense\.weight' has dtype torch\.float16"),
+    "nan": (_poison_last_key(float("nan")), CheckpointError,
+            r"ft1\.safetensors: key 'pooler\.dense\.weight' holds 1 NaN/Inf"),
+    "inf": (_poison_last_key(float("inf")), CheckpointError,
+            r"ft1\.safetensors: key 'pooler\.dense\.weight' holds 1 NaN/Inf"),
+    "non-float": (lambda sd: sd.update({"embeddings.position_ids": sd["embeddings.position_ids"] + 1}),
+                  IncompatibleCheckpointsError, r"ft1\.safetensors: non-float key 'embeddings\.position_ids' differs"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", list(BAD_FINE_TUNES))
+def test_bad_fine_tune_is_refused_and_nothing_is_written(good_set, problem: str) -> None:
     tmp, _, tuned, base_path, paths = good_set
-    sd = dict(tuned[0])
-    sd["pooler.dense.weight"] = torch.zeros(16, 15)
-    save_file(sd, str(paths[0]))
-    _expect_failure(
-        tmp,
-        base_path,
-        paths,
-        IncompatibleCheckpointsError,
-        r"ft0\.safetensors: key 'pooler\.dense\.weight' has shape \[16, 15\]",
-    )
-
-
-def test_mismatched_dtype(good_set) -> None:
-    tmp, _, tuned, base_path, paths = good_set
-    sd = dict(tuned[0])
-    sd["pooler.dense.weight"] = sd["pooler.dense.weight"].half()
-    save_file(sd, str(paths[0]))
-    _expect_failure(
-        tmp,
-        base_path,
-        paths,
-        IncompatibleCheckpointsError,
-        r"ft0\.safetensors: key 'pooler\.dense\.weight' has dtype torch\.float16",
-    )
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weights(good_set, bad: float) -> None:
-    tmp, _, tuned, base_path, paths = good_set
+    mutate, error, match = BAD_FINE_TUNES[problem]
     sd = dict(tuned[1])
-    # the last key in sorted order: the merge has already written every other key when it fails
-    key = sorted(sd)[-1]
-    sd[key] = sd[key].clone()
-    sd[key].view(-1)[0] = bad
+    mutate(sd)
     save_file(sd, str(paths[1]))
-    _expect_failure(tmp, base_path, paths, CheckpointError, rf"ft1\.safetensors: key '{key}' holds 1 NaN/Inf")
-
-
-def test_non_float_tensors_must_match(good_set) -> None:
-    tmp, _, tuned, base_path, paths = good_set
-    sd = dict(tuned[0])
-    sd["embeddings.position_ids"] = sd["embeddings.position_ids"] + 1
-    save_file(sd, str(paths[0]))
-    _expect_failure(
-        tmp,
-        base_path,
-        paths,
-        IncompatibleCheckpointsError,
-        r"ft0\.safetensors: non-float key 'embeddings\.position_ids' differs",
-    )
+    _expect_failure(tmp, base_path, paths, error, match)
 
 
 def test_non_float_tensors_copied_from_pretrained(good_set) -> None:
