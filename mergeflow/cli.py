@@ -129,6 +129,46 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_config
+    from mergeflow.zoo.build import build_text_zoo
+
+    cfg = load_config(args.params).zoo
+    zoo = build_text_zoo(args.dir or cfg.dir, cfg.text_minilm)
+    sys.stdout.write(f"{Path(args.dir or cfg.dir) / 'zoo.json'}\n")
+    for name, info in zoo["tasks"].items():
+        sys.stdout.write(f"{name}\t{len(info['classes'])} classes\t{info['model']}\n")
+    return 0
+
+
+def _cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_config
+    from mergeflow.zoo.build import evaluate_checkpoint
+
+    zoo_dir = args.dir or load_config(args.params).zoo.dir
+    results = evaluate_checkpoint(zoo_dir, args.checkpoint, args.split)
+    lines = [f"| task | accuracy ({args.split}) | loss |", "|---|---|---|"]
+    lines += [f"| {task} | {r['accuracy']:.3f} | {r['loss']:.3f} |" for task, r in results.items()]
+    mean = sum(r["accuracy"] for r in results.values()) / len(results)
+    lines.append(f"| mean | {mean:.3f} | |")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_zoo_report(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_config
+    from mergeflow.zoo.report import render, zoo_report
+
+    cfg = load_config(args.params)
+    zoo_dir = Path(args.dir or cfg.zoo.dir)
+    report = zoo_report(
+        zoo_dir, cfg.methods, cfg.selection.grids, args.output or zoo_dir / "report",
+        criterion=cfg.selection.criterion, device=cfg.device,
+    )  # fmt: skip
+    sys.stdout.write(render(report) + "\n")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mergeflow.demo import run_demo
 
@@ -177,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list presets, or show one in full")
     presets.add_argument("name", nargs="?")
     presets.set_defaults(func=_cmd_presets)
+
+    zoo = sub.add_parser("zoo", help="the text-minilm zoo: real MiniLM fine-tuned on Debian text tasks")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_sub.add_parser("build", help="build (or resume) the zoo: data, heads, fine-tunes")
+    build.add_argument("--params", default="params.yaml", metavar="FILE")
+    build.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
+    build.set_defaults(func=_cmd_zoo_build)
+    ev = zoo_sub.add_parser("evaluate", help="accuracy of a checkpoint on every zoo task")
+    ev.add_argument("checkpoint", metavar="PATH")
+    ev.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    ev.add_argument("--params", default="params.yaml", metavar="FILE")
+    ev.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
+    ev.set_defaults(func=_cmd_zoo_evaluate)
+
+    rep = zoo_sub.add_parser("report", help="every method, parameters chosen on validation, test once; table + plots")
+    rep.add_argument("--params", default="params.yaml", metavar="FILE")
+    rep.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
+    rep.add_argument("--output", metavar="DIR", help="default: <zoo dir>/report")
+    rep.set_defaults(func=_cmd_zoo_report)
 
     demo = sub.add_parser("demo", help="the offline demo: example checkpoints merged with every method")
     demo.add_argument("--params", default="params.yaml", metavar="FILE")

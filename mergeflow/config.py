@@ -13,6 +13,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods import MethodParams, parse_params
 from mergeflow.presets import get_preset
 from mergeflow.sources import Source
+from mergeflow.zoo.build import TextZooConfig
 
 
 class DemoConfig(BaseModel):
@@ -40,6 +41,35 @@ class AcquireConfig(BaseModel):
         return value
 
 
+class ZooSection(BaseModel):
+    """``zoo:`` in params.yaml: where the text zoo is built and how."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dir: str = "out/zoo/text-minilm"
+    text_minilm: TextZooConfig = TextZooConfig()
+
+
+class SelectionConfig(BaseModel):
+    """``selection:``: parameter grids searched on validation; the best point is tested once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    criterion: Literal["normalized", "absolute"] = "normalized"
+    grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+
+    @field_validator("grids")
+    @classmethod
+    def _valid_points(cls, value: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for method, grid in value.items():
+            for name, values in grid.items():
+                if not values:
+                    raise ValueError(f"{method}.{name}: empty grid")
+                for v in values:  # each value must be valid for the method on its own
+                    parse_params(method, {name: v})
+        return value
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -47,6 +77,8 @@ class RunConfig(BaseModel):
     precision: Literal["float32", "float64"] = "float32"
     demo: DemoConfig = DemoConfig()
     acquire: AcquireConfig = AcquireConfig()
+    zoo: ZooSection = ZooSection()
+    selection: SelectionConfig = SelectionConfig()
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("methods")

@@ -12,6 +12,19 @@ if [ -z "$PY" ]; then
   echo "mergeflow needs Python >= 3.11 (e.g. apt-get install python3.11 python3.11-venv)" >&2
   exit 1
 fi
+# Debian data for the text zoo (WordNet glosses, fortunes in four languages, Unicode emoji names).
+DEBIAN_DATA="wordnet-base fortunes fortunes-de fortunes-es fortunes-it unicode-data"
+missing=""
+for pkg in $DEBIAN_DATA; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  else
+    echo "note: the text zoo needs these Debian packages; install them with: sudo apt-get install$missing" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
