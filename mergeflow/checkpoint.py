@@ -255,6 +255,15 @@ def open_checkpoint(path: str | Path, trust_pickle: bool = False) -> CheckpointR
     raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or one of {PICKLE_SUFFIXES})")
 
 
+def stored_fingerprint(path: str | Path) -> str | None:
+    """The ``mergeflow.fingerprint`` a safetensors output was written with (None if absent or unreadable)."""
+    try:
+        with SafetensorsReader(path) as reader:
+            return reader.metadata.get("mergeflow.fingerprint")
+    except CheckpointError:
+        return None
+
+
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint in memory (for small models, tests and evaluation)."""
     with open_checkpoint(path, trust_pickle) as reader:

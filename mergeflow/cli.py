@@ -109,8 +109,7 @@ def _cmd_acquire(args: argparse.Namespace) -> int:
     artifacts += store.acquire_all(list(cfg.sources), from_dir)
     if not preset_name and not cfg.sources:
         raise MergeflowError("nothing to acquire: give --preset or list sources under acquire: in params.yaml")
-    for artifact in artifacts:
-        lines.insert(0, f"{artifact.name}\t{artifact.sha256}\t{artifact.path}")
+    lines = [f"{a.name}\t{a.sha256}\t{a.path}" for a in artifacts] + lines
     if args.dvc:
         lines.append(f"tracked: {store.track_with_dvc()}")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from mergeflow.checkpoint import CheckpointError, SafetensorsReader
@@ -18,6 +17,7 @@ from mergeflow.engine import merge_checkpoints
 from mergeflow.methods import get_method, params_record
 from mergeflow.retention import task_vector_alignment
 from mergeflow.synthetic import ExamplePaths, write_example_checkpoints
+from mergeflow.writer import write_text_atomic
 
 log = logging.getLogger("mergeflow.demo")
 
@@ -35,14 +35,6 @@ def _example_set(directory: Path, cfg: RunConfig) -> ExamplePaths:
         pass
     log.info("writing %d synthetic %s fine-tunes to %s", cfg.demo.tasks, cfg.demo.model, directory)
     return write_example_checkpoints(directory, cfg.demo.model, cfg.demo.tasks, seed=cfg.demo.seed)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def render_table(rows: list[dict]) -> str:
@@ -124,8 +116,8 @@ def run_demo(params_path: str | Path = "params.yaml", output: str | Path = "out/
         )
     table = render_table(rows)
     inputs = {"model": cfg.demo.model, "tasks": cfg.demo.tasks, "seed": cfg.demo.seed}
-    _atomic_text(output / "results.json", json.dumps({"inputs": inputs, "rows": rows}, indent=2))
-    _atomic_text(
+    write_text_atomic(output / "results.json", json.dumps({"inputs": inputs, "rows": rows}, indent=2))
+    write_text_atomic(
         output / "metrics.json", json.dumps({r["method"]: {"mean_cosine": r["mean_cosine"]} for r in rows}, indent=2)
     )
     note = (
@@ -133,7 +125,7 @@ def run_demo(params_path: str | Path = "params.yaml", output: str | Path = "out/
         "task vectors built as shared + task-specific low-rank + noise. Not trained models: the columns "
         "show weight-space alignment, not accuracy.\n\n"
     )
-    _atomic_text(output / "report.md", "# mergeflow demo\n\n" + note + table + "\n\n![alignment](alignment.png)\n")
+    write_text_atomic(output / "report.md", "# mergeflow demo\n\n" + note + table + "\n\n![alignment](alignment.png)\n")
     plot_alignment(rows, output / "alignment.png")
     log.info("results (also in %s):\n%s", output / "report.md", table)
     return rows

@@ -7,7 +7,6 @@ only after its size and sha256 check out, so nothing that looks complete is ever
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from mergeflow.errors import CheckpointError, MergeflowError
+from mergeflow.hashing import sha256_file
 from mergeflow.writer import fsync_dir
 
 log = logging.getLogger("mergeflow.download")
@@ -30,14 +30,6 @@ class DownloadError(MergeflowError):
 
 class HashMismatchError(CheckpointError):
     """The downloaded bytes are not the expected ones."""
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _transfer(url: str, part: Path, max_bytes: int, timeout: float) -> None:
@@ -107,7 +99,7 @@ def download(
             time.sleep(backoff * 2**attempt)
     else:
         raise DownloadError(f"{url}: failed after {retries + 1} attempts ({last}); partial bytes kept in {part}")
-    digest = _sha256_of(part)
+    digest = sha256_file(part)
     if sha256 is not None and digest != sha256.lower():
         part.unlink(missing_ok=True)
         raise HashMismatchError(f"{url}: sha256 {digest} does not match the expected {sha256}; download discarded")

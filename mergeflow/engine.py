@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 import mergeflow
-from mergeflow.checkpoint import CheckpointReader, SafetensorsReader, TensorMeta, open_checkpoint
+from mergeflow.checkpoint import CheckpointReader, TensorMeta, open_checkpoint, stored_fingerprint
 from mergeflow.devices import resolve_device, resolve_precision
 from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
 from mergeflow.hashing import BackgroundHasher, quick_identity, sha256_file_cached
@@ -312,14 +312,6 @@ class MergeResult:
     inputs: dict[str, Any]
 
 
-def _existing_fingerprint(path: Path) -> str | None:
-    try:
-        with SafetensorsReader(path) as reader:
-            return reader.metadata.get("mergeflow.fingerprint")
-    except CheckpointError:
-        return None
-
-
 def task_output_paths(directory: Path, finetuned: Sequence[str | Path]) -> list[Path]:
     """File names of per-task outputs (``cart_indexing``): ``NN-<stem>.safetensors`` in user order."""
     return [directory / f"{i:02d}-{Path(p).name.split('.')[0]}.safetensors" for i, p in enumerate(finetuned)]
@@ -355,7 +347,7 @@ def merge_checkpoints(
         paths = task_output_paths(output, finetuned) if spec.per_task_outputs else [output]
         if output.is_dir() and not spec.per_task_outputs:
             raise ConfigError(f"{output}: is a directory; {method} writes one file")
-        existing = [_existing_fingerprint(p) for p in paths]
+        existing = [stored_fingerprint(p) for p in paths]
         if not force and all(existing):  # only then are the hashes needed before merging
             if set(existing) == {fingerprint(method, parsed, checkpoints, precision)}:
                 log.info("%s: %s is up to date (same inputs and parameters), skipping", method, output)

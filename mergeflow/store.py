@@ -37,7 +37,7 @@ from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.hashing import sha256_file
 from mergeflow.legacy import convert_legacy_checkpoint
 from mergeflow.sources import HubSource, OpenClipSource, PathSource, Source, UrlSource
-from mergeflow.writer import fsync_dir, save_state_dict
+from mergeflow.writer import fsync_dir, save_state_dict, write_text_atomic
 
 log = logging.getLogger("mergeflow.store")
 
@@ -52,15 +52,6 @@ class Artifact:
     path: Path  # the safetensors file to merge
     sha256: str  # of the fetched file
     source: str  # source identity
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def open_clip_hub_source(source: OpenClipSource) -> HubSource:
@@ -109,7 +100,7 @@ class ArtifactStore:
     def _record(self, identity: str, entry: dict[str, Any]) -> None:
         lock = self.lock()
         lock[identity] = {**lock.get(identity, {}), **entry}
-        _atomic_json(self.lock_path, lock)
+        write_text_atomic(self.lock_path, json.dumps(lock, indent=2, sort_keys=True))
 
     # -- paths ------------------------------------------------------------------------------
     def file_path(self, sha256: str) -> Path:

@@ -354,7 +354,9 @@ def test_cli_acquires_a_preset_offline_and_merges_its_manifest(tmp_path: Path, c
     code = main(["-q", "acquire", "--preset", preset.name, "--params", str(params), "--from-dir", str(provided)])
     assert code == 0
     manifest = store / "manifests" / f"{preset.name}.json"
-    assert str(manifest) in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in printed[:9]] == ["zeroshot", *preset.tasks]  # in preset order
+    assert str(manifest) in printed[9]
     out = tmp_path / "cart.safetensors"
     assert main(["-q", "merge", "--method", "cart", "--manifest", str(manifest), "--output", str(out)]) == 0
     merged = read_state_dict(out)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeflow.checkpoint import SafetensorsReader, read_state_dict
-from mergeflow.errors import CheckpointError, MergeflowError
+from mergeflow.checkpoint import read_state_dict, stored_fingerprint
+from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
-from mergeflow.writer import save_state_dict
+from mergeflow.writer import save_state_dict, write_text_atomic
 from mergeflow.zoo.text_data import TASK_BUILDERS, make_splits, manifest
 from mergeflow.zoo.text_model import MINILM_SHA256, evaluate, finetune, load_text_encoder, minilm_dir, zero_shot_head
 
@@ -63,18 +62,11 @@ def _fingerprint(record: dict[str, Any]) -> str:
 
 
 def _up_to_date(path: Path, fingerprint: str) -> bool:
-    try:
-        with SafetensorsReader(path) as reader:
-            return reader.metadata.get("mergeflow.fingerprint") == fingerprint
-    except CheckpointError:
-        return False
+    return stored_fingerprint(path) == fingerprint
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def build_text_zoo(directory: str | Path, cfg: TextZooConfig | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from mergeflow.engine import merge_checkpoints
 from mergeflow.hashing import sha256_file
 from mergeflow.methods import get_method, params_record, parse_params
+from mergeflow.writer import write_text_atomic
 from mergeflow.zoo.build import evaluate_checkpoint
 
 log = logging.getLogger("mergeflow.report")
@@ -47,10 +47,7 @@ class _Evaluator:
         if cached.exists():
             return json.loads(cached.read_text())
         result = evaluate_checkpoint(self.zoo_dir, checkpoint, split)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.partial-{os.getpid()}")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, cached)
+        write_text_atomic(cached, json.dumps(result))
         return result
 
 
@@ -136,11 +133,10 @@ def zoo_report(
         "sweeps": sweeps,
         "seconds": time.perf_counter() - start,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(render(report) + "\n")
+    write_text_atomic(out_dir / "results.json", json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "report.md", render(report) + "\n")
     metrics = {r["method"]: {"mean": r["mean"], "normalized": r["normalized"]} for r in rows}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     plot_report(report, out_dir)
     log.info("zoo report in %s (%.0f s)\n%s", out_dir, report["seconds"], render(report))
     return report
