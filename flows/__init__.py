@@ -1,5 +1,1 @@
-"""Prefect flows composing the tasks in ``tasks/`` (orchestration issue: not built yet).
-
-The library in ``mergeflow/`` is complete without them: ``mergeflow merge`` and ``mergeflow demo``
-run the merge engine directly.
-"""
+"""Prefect flows composing the tasks in ``tasks/``: ``flows.pipeline.pipeline`` is the main one."""

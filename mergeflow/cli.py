@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -165,6 +166,41 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
         criterion=cfg.selection.criterion, device=cfg.device,
     )  # fmt: skip
     sys.stdout.write(render(report) + "\n")
+    if not args.no_mlflow:
+        from mergeflow.tracking import log_report, tracking_uri
+
+        run_id = log_report(report, args.output or zoo_dir / "report")
+        sys.stdout.write(f"MLflow run {run_id} at {tracking_uri()}\n")
+    return 0
+
+
+def _quiet_offline_services() -> None:
+    """No telemetry calls from Prefect's local server or MLflow (they fail loudly offline)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _quiet_offline_services()
+    from flows.pipeline import pipeline
+
+    result = pipeline(params_file=args.params, track_mlflow=not args.no_mlflow)
+    sys.stdout.write(result["table"] + "\n")
+    for step, state in result["steps"].items():
+        sys.stdout.write(f"{step}: {state}\n")
+    if result["mlflow_run"]:
+        sys.stdout.write(f"MLflow run: {result['mlflow_run']}\n")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _quiet_offline_services()
+    from prefect import serve
+
+    from flows.pipeline import nightly_deployment
+
+    serve(nightly_deployment(args.params))
     return 0
 
 
@@ -234,7 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--params", default="params.yaml", metavar="FILE")
     rep.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
     rep.add_argument("--output", metavar="DIR", help="default: <zoo dir>/report")
+    rep.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     rep.set_defaults(func=_cmd_zoo_report)
+
+    run = sub.add_parser("run", help="the whole pipeline as a Prefect flow (cached steps, MLflow tracking)")
+    run.add_argument("--params", default="params.yaml", metavar="FILE")
+    run.add_argument("--no-mlflow", action="store_true")
+    run.set_defaults(func=_cmd_run)
+    serve = sub.add_parser("serve", help="serve the nightly deployment of the pipeline (cron 0 2 * * *)")
+    serve.add_argument("--params", default="params.yaml", metavar="FILE")
+    serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="the offline demo: example checkpoints merged with every method")
     demo.add_argument("--params", default="params.yaml", metavar="FILE")

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-# The main job: build the text-minilm zoo (real MiniLM fine-tuned on four Debian text tasks), merge it
-# with every method in params.yaml (parameters chosen on validation), evaluate, write the report.
-mergeflow zoo build --params params.yaml
-mergeflow zoo report --params params.yaml "$@"
+# The main job, as a Prefect flow with content-cached steps: build the text-minilm zoo (real MiniLM
+# fine-tuned on four Debian text tasks), merge it with every method in params.yaml (parameters
+# chosen on validation), evaluate, write the report and plots, log everything to MLflow.
+mergeflow run --params params.yaml "$@"

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin, content-cached wrappers over ``mergeflow`` functions (orchestration issue: not built yet)."""
+"""Prefect tasks: thin wrappers over ``mergeflow`` library calls, cached by the content of their inputs."""

@@ -133,3 +133,26 @@ def test_report_selects_on_validation_and_caches_evaluations(tmp_path: Path) -> 
     again = zoo_report(tmp_path / "zoo", methods, grids, out)
     assert sorted((out / "evaluations").iterdir()) == cached  # nothing evaluated twice
     assert [r["test"] for r in again["rows"]] == [r["test"] for r in report["rows"]]
+
+    # MLflow: a parent run, a nested run per row (and per grid point), metrics, artifacts, lineage
+    from mlflow.tracking import MlflowClient
+
+    from mergeflow.tracking import log_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = log_report(report, out, uri=uri)
+    client = MlflowClient(uri)
+    run = client.get_run(parent)
+    zoo = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
+    assert run.data.tags["theta0.sha256"] == zoo["theta0"]["sha256"]
+    assert run.data.tags["data.emoji.sha256"] == zoo["tasks"]["emoji"]["data_sha256"]
+    assert len(run.data.tags["finetuned.language.sha256"]) == 64 and run.data.tags["mergeflow.version"]
+    assert run.data.metrics["test.mean.cart"] == pytest.approx(rows["cart"]["mean"])
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert {"cart", "task_arithmetic", "zero-shot (θ0)"} <= set(by_name)
+    cart = by_name["cart"]
+    assert cart.data.params["param.rank_ratio"] == str(rows["cart"]["params"]["rank_ratio"])
+    assert cart.data.metrics["test.emoji"] == pytest.approx(rows["cart"]["test"]["emoji"])
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"results.json", "report.md", "accuracy_by_task.png"} <= artifacts

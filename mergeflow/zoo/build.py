@@ -131,9 +131,8 @@ def build_text_zoo(directory: str | Path, cfg: TextZooConfig | None = None) -> d
             "head": str(head_path),
             "model": str(model_path),
         }
-    zoo["seconds"] = time.perf_counter() - start
-    _write_json(root / "zoo.json", zoo)
-    log.info("text-minilm zoo ready in %s (%.0f s)", root, zoo["seconds"])
+    _write_json(root / "zoo.json", zoo)  # no timings inside: an up-to-date rebuild writes identical bytes
+    log.info("text-minilm zoo ready in %s (%.0f s)", root, time.perf_counter() - start)
     return zoo
 
 

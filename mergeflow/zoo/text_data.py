@@ -154,6 +154,26 @@ def emoji_group(path: Path = EMOJI_TEST) -> TextTask:
     )  # fmt: skip
 
 
+SOURCE_FILES: dict[str, Callable[[], list[Path]]] = {
+    "wordnet": lambda: [WORDNET],
+    "fortune_topic": lambda: [FORTUNES / t for t in FORTUNE_TOPICS],
+    "language": lambda: (
+        [FORTUNES / t for t in FORTUNE_TOPICS]
+        + sorted(
+            p for d in ("de", "es", "it") if (FORTUNES / d).is_dir() for p in (FORTUNES / d).iterdir() if p.is_file()
+        )
+    ),
+    "emoji": lambda: [EMOJI_TEST],
+}
+
+
+def source_hashes(tasks: Sequence[str]) -> dict[str, str]:
+    """sha256 of every Debian file the tasks are built from (content, not paths, identifies the data)."""
+    from mergeflow.hashing import sha256_file_cached
+
+    return {str(p): sha256_file_cached(p) for name in tasks for p in SOURCE_FILES[name]() if p.exists()}
+
+
 TASK_BUILDERS: dict[str, Callable[[], TextTask]] = {
     "wordnet": wordnet_supersense,
     "fortune_topic": fortune_topic,

@@ -1,0 +1,69 @@
+"""The Prefect pipeline: content-keyed caching of its steps, MLflow runs, the nightly deployment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import NIGHTLY_CRON, nightly_deployment, pipeline
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}), prefect_test_harness():
+        yield
+
+
+def _params(path: Path, cart_scaling: float) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "device": "cpu",
+                "zoo": {
+                    "dir": str(path.parent / "zoo"),
+                    "text_minilm": {"tasks": ["language", "emoji"], "train": 32, "validation": 16, "test": 32,
+                                    "layers": 2, "max_length": 32},
+                },
+                "methods": {"weight_average": {}, "cart": {"scaling": cart_scaling}},
+                "selection": {"grids": {"cart": {"rank_ratio": [0.25, 1.0]}}},
+            }
+        )
+    )  # fmt: skip
+    return path
+
+
+def test_steps_are_cached_by_content(prefect_server, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = _params(tmp_path / "params.yaml", cart_scaling=2.0)
+    first = pipeline(params_file=str(params), mlflow_uri=uri)
+    assert first["steps"] == {"build-zoo": "Completed", "merge-evaluate-select": "Completed"}
+    assert "| cart |" in first["table"]
+
+    again = pipeline(params_file=str(params), mlflow_uri=uri)  # nothing changed
+    assert again["steps"] == {"build-zoo": "Cached", "merge-evaluate-select": "Cached"}
+    assert again["table"] == first["table"]
+
+    changed = pipeline(params_file=str(_params(params, cart_scaling=1.5)), mlflow_uri=uri)  # one merge parameter
+    assert changed["steps"] == {"build-zoo": "Cached", "merge-evaluate-select": "Completed"}
+
+    (tmp_path / "zoo" / "models" / "emoji.safetensors").unlink()  # an output vanished: recompute, not trust
+    rebuilt = pipeline(params_file=str(params), mlflow_uri=uri)
+    assert rebuilt["steps"]["build-zoo"] == "Completed"
+    assert (tmp_path / "zoo" / "models" / "emoji.safetensors").exists()
+
+    client = MlflowClient(uri)
+    parents = [result["mlflow_run"] for result in (first, again, changed, rebuilt)]
+    assert len(set(parents)) == 4 and all(client.get_run(p).data.tags["theta0.sha256"] for p in parents)
+
+
+def test_nightly_deployment_schedule_and_parameters() -> None:
+    deployment = nightly_deployment("params.yaml")
+    assert deployment.name == "nightly"
+    assert [s.schedule.cron for s in deployment.schedules] == [NIGHTLY_CRON]
+    assert deployment.parameters == {"params_file": "params.yaml"}
