@@ -1,67 +1,82 @@
-"""The main pipeline as a Prefect flow: build the zoo -> merge, evaluate, select -> track in MLflow.
+"""The main pipeline as a Prefect flow: build the zoo -> baselines -> one selection task per merge
+method (merge every grid point, score on validation, test the best) -> report -> MLflow.
 
-Every step is a task cached by the content of its inputs (see ``tasks/``): rerunning with nothing
-changed returns cached results; changing a merge parameter reruns only the merge/evaluation step.
-A step whose outputs have disappeared from disk is recomputed even if its cache entry exists.
+Every expensive step is a task cached by the content of its inputs (see ``tasks/``): rerunning
+with nothing changed returns cached results; changing one method's parameters reruns only that
+method's task. A cached result whose files have vanished from disk is recomputed, not trusted.
+Method tasks go through the flow's task runner: ``workers`` in params.yaml sets how many run at
+once (threads here; the same flow runs on a Dask cluster given a Dask task runner).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from mergeflow.config import load_config
+from mergeflow.tracking import tracking_uri
+from mergeflow.zoo.build import zoo_files
 from mergeflow.zoo.report import render
 from tasks.caching import files_exist
-from tasks.pipeline_tasks import build_zoo, merge_and_evaluate, track
+from tasks.pipeline_tasks import baselines, build_zoo, report, select, track
 
 NIGHTLY_CRON = "0 2 * * *"
 
 
-def _zoo_on_disk(zoo_dir: Path) -> bool:
-    try:
-        zoo = json.loads((zoo_dir / "zoo.json").read_text())
-    except (OSError, ValueError):
-        return False
-    files = [zoo["theta0"]["file"]] + [f for t in zoo["tasks"].values() for f in (t["model"], t["head"], t["data"])]
-    return files_exist(files)
-
-
-def _report_on_disk(out_dir: Path) -> bool:
-    try:
-        report = json.loads((out_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        return False
-    chosen = [max(points, key=lambda p: p["score"])["outputs"] for points in report["sweeps"].values()]
-    return files_exist(p for outputs in chosen for p in outputs)
+def _state_of(state: Any, valid: Any, rerun: Any) -> Any:
+    """``state``, unless its result's files have vanished from disk: then ``rerun()`` (cache refreshed)."""
+    return state if valid(state.result()) else rerun()
 
 
 @flow(name="mergeflow-pipeline")
 def pipeline(
-    params_file: str = "params.yaml", track_mlflow: bool = True, mlflow_uri: str | None = None
+    params_file: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    track_mlflow: bool = True,
+    mlflow_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job described by ``params_file`` (validated before any work starts)."""
-    cfg = load_config(params_file)
-    zoo_dir = Path(cfg.zoo.dir)
-    out_dir = zoo_dir / "report"
-    zoo_state = build_zoo.with_options(refresh_cache=not _zoo_on_disk(zoo_dir))(
-        str(zoo_dir), cfg.zoo.text_minilm.model_dump(mode="json"), return_state=True
+    """Run the job described by ``params_file`` plus dotted ``overrides`` (validated before any work)."""
+    cfg = load_config(params_file, overrides)
+    out_dir = str(Path(cfg.zoo.dir) / "report")
+    zoo_args = (str(cfg.zoo.dir), cfg.zoo.text_minilm.model_dump(mode="json"))
+    zoo_state = _state_of(
+        build_zoo(*zoo_args, return_state=True),
+        lambda zoo: files_exist(zoo_files(zoo)),
+        lambda: build_zoo.with_options(refresh_cache=True)(*zoo_args, return_state=True),
     )
     zoo = zoo_state.result()
-    report_state = merge_and_evaluate.with_options(refresh_cache=not _report_on_disk(out_dir))(
-        zoo, dict(cfg.methods), dict(cfg.selection.grids), cfg.selection.criterion, cfg.device, str(out_dir),
-        return_state=True,
-    )  # fmt: skip
-    report = report_state.result()
-    run_id = track(report, str(out_dir), mlflow_uri) if track_mlflow else None
-    return {
-        "steps": {"build-zoo": zoo_state.name, "merge-evaluate-select": report_state.name},
-        "mlflow_run": run_id,
-        "table": render(report),
+    base_state = baselines(zoo, out_dir, return_state=True)
+    base = base_state.result()
+    steps = {"build-zoo": zoo_state.name, "baselines": base_state.name}
+    calls = {
+        method: (
+            zoo,
+            method,
+            dict(params),
+            dict(cfg.selection.grids.get(method, {})),
+            cfg.selection.criterion,
+            cfg.device,
+            out_dir,
+            base["individual"],
+        )
+        for method, params in cfg.methods.items()
     }
+    futures = {method: select.submit(*args) for method, args in calls.items()}
+    selections = {}
+    for method, future in futures.items():
+        future.wait()
+        state = _state_of(
+            future.state,
+            lambda sel: files_exist(sel["row"]["outputs"]),
+            lambda args=calls[method]: select.with_options(refresh_cache=True)(*args, return_state=True),
+        )
+        steps[f"select:{method}"] = state.name
+        selections[method] = state.result()
+    result = report(zoo, base, selections, out_dir, cfg.selection.criterion)
+    run_id = track(result, out_dir, mlflow_uri or tracking_uri(cfg.tracking.uri)) if track_mlflow else None
+    return {"steps": steps, "mlflow_run": run_id, "table": render(result)}
 
 
 def nightly_deployment(params_file: str = "params.yaml") -> Any:

@@ -169,8 +169,9 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         from mergeflow.tracking import log_report, tracking_uri
 
-        run_id = log_report(report, args.output or zoo_dir / "report")
-        sys.stdout.write(f"MLflow run {run_id} at {tracking_uri()}\n")
+        uri = tracking_uri(cfg.tracking.uri)
+        run_id = log_report(report, args.output or zoo_dir / "report", uri)
+        sys.stdout.write(f"MLflow run {run_id} at {uri}\n")
     return 0
 
 
@@ -184,8 +185,14 @@ def _quiet_offline_services() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     _quiet_offline_services()
     from flows.pipeline import pipeline
+    from mergeflow.config import load_config
 
-    result = pipeline(params_file=args.params, track_mlflow=not args.no_mlflow)
+    overrides = parse_assignments(args.set)
+    cfg = load_config(args.params, overrides)  # report bad parameters before Prefect starts anything
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    runner = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.workers))
+    result = runner(params_file=args.params, overrides=overrides, track_mlflow=not args.no_mlflow)
     sys.stdout.write(result["table"] + "\n")
     for step, state in result["steps"].items():
         sys.stdout.write(f"{step}: {state}\n")
@@ -276,12 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the whole pipeline as a Prefect flow (cached steps, MLflow tracking)")
     run.add_argument("--params", default="params.yaml", metavar="FILE")
     run.add_argument("--no-mlflow", action="store_true")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override params.yaml: methods.cart.scaling=1.5"
+    )
     run.set_defaults(func=_cmd_run)
     serve = sub.add_parser("serve", help="serve the nightly deployment of the pipeline (cron 0 2 * * *)")
     serve.add_argument("--params", default="params.yaml", metavar="FILE")
     serve.set_defaults(func=_cmd_serve)
 
-    demo = sub.add_parser("demo", help="the offline demo: example checkpoints merged with every method")
+    demo = sub.add_parser("demo", help="a 3-second merge of synthetic example checkpoints with every method")
     demo.add_argument("--params", default="params.yaml", metavar="FILE")
     demo.add_argument("--output", default="out/demo", metavar="DIR")
     demo.set_defaults(func=_cmd_demo)
@@ -296,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API client logs every request
     try:
         return args.func(args)
     except MergeflowError as exc:

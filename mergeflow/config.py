@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,15 +72,25 @@ class SelectionConfig(BaseModel):
         return value
 
 
+class TrackingConfig(BaseModel):
+    """``tracking:``: where MLflow runs go (``MLFLOW_TRACKING_URI`` in the environment wins)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str = "sqlite:///out/mlflow.db"
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "float64"] = "float32"
+    workers: int = Field(1, ge=1, description="pipeline tasks run at once (threads)")
     demo: DemoConfig = DemoConfig()
     acquire: AcquireConfig = AcquireConfig()
     zoo: ZooSection = ZooSection()
     selection: SelectionConfig = SelectionConfig()
+    tracking: TrackingConfig = TrackingConfig()
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("methods")
@@ -101,7 +113,23 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def load_config(path: str | Path) -> RunConfig:
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``methods.cart.scaling``) in a params.yaml mapping, creating levels as needed."""
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read and validate ``params.yaml`` (with ``overrides`` applied first); any problem is one ConfigError."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -109,6 +137,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
     try:
         return RunConfig.model_validate(_tuples(raw))
     except PydanticValidationError as exc:

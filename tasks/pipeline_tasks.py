@@ -11,15 +11,15 @@ from prefect.context import TaskRunContext
 
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.tracking import log_report
-from mergeflow.zoo.build import TextZooConfig, build_text_zoo
-from mergeflow.zoo.report import zoo_report
+from mergeflow.zoo.build import TextZooConfig, build_text_zoo, zoo_files
+from mergeflow.zoo.report import assemble_report, evaluate_baselines, select_method
 from mergeflow.zoo.text_data import source_hashes
 from mergeflow.zoo.text_model import MINILM_SHA256
 from tasks.caching import code_version, content_key
 
 ZOO_CODE = ("zoo/build.py", "zoo/text_data.py", "zoo/text_model.py", "writer.py", "checkpoint.py")
-REPORT_CODE = ("engine.py", "methods", "linalg.py", "selectors.py", "writer.py", "checkpoint.py", "zoo/report.py",
-               "zoo/build.py", "zoo/text_model.py")  # fmt: skip
+EVAL_CODE = ("zoo/report.py", "zoo/build.py", "zoo/text_model.py", "checkpoint.py")
+MERGE_CODE = (*EVAL_CODE, "engine.py", "methods", "linalg.py", "selectors.py", "writer.py")
 
 
 def zoo_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -41,27 +41,52 @@ def build_zoo(directory: str, config: dict[str, Any]) -> dict[str, Any]:
 
 def zoo_content(zoo: dict[str, Any]) -> dict[str, str]:
     """sha256 of θ0, every fine-tune, head and data manifest of a built zoo."""
-    files = [zoo["theta0"]["file"]] + [f for t in zoo["tasks"].values() for f in (t["model"], t["head"], t["data"])]
-    return {f: sha256_file_cached(f) for f in files}
+    return {f: sha256_file_cached(f) for f in zoo_files(zoo)}
 
 
-def report_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
+def zoo_dir(zoo: dict[str, Any]) -> Path:
+    return Path(zoo["theta0"]["file"]).parents[1]
+
+
+def baselines_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return content_key(step="baselines", zoo=zoo_content(parameters["zoo"]), code=code_version(*EVAL_CODE))
+
+
+@task(name="baselines", cache_key_fn=baselines_cache_key, persist_result=True)
+def baselines(zoo: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """θ0 and every fine-tune evaluated on every task."""
+    return evaluate_baselines(zoo_dir(zoo), out_dir)
+
+
+def select_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     return content_key(
-        step="report", zoo=zoo_content(parameters["zoo"]), methods=parameters["methods"], grids=parameters["grids"],
-        criterion=parameters["criterion"], code=code_version(*REPORT_CODE),
+        step="select", zoo=zoo_content(parameters["zoo"]), method=parameters["method"], base=parameters["base"],
+        grid=parameters["grid"], criterion=parameters["criterion"], code=code_version(*MERGE_CODE),
     )  # fmt: skip
 
 
-@task(name="merge-evaluate-select", cache_key_fn=report_cache_key, persist_result=True)
-def merge_and_evaluate(
-    zoo: dict[str, Any], methods: dict[str, Any], grids: dict[str, Any], criterion: str, device: str, out_dir: str
+@task(name="select", cache_key_fn=select_cache_key, persist_result=True)
+def select(
+    zoo: dict[str, Any],
+    method: str,
+    base: dict[str, Any],
+    grid: dict[str, Any],
+    criterion: str,
+    device: str,
+    out_dir: str,
+    individual: dict[str, Any],
 ) -> dict[str, Any]:
-    """Every method over its grid, parameters chosen on validation, test once; table and plots."""
-    zoo_dir = Path(zoo["theta0"]["file"]).parents[1]
-    return zoo_report(zoo_dir, methods, grids, out_dir, criterion=criterion, device=device)
+    """One method: merge every grid point, score on validation, test the chosen point once."""
+    return select_method(zoo_dir(zoo), method, base, grid, out_dir, individual, criterion, device)
+
+
+@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+def report(zoo: dict[str, Any], base: dict[str, Any], selections: dict[str, Any], out_dir: str, criterion: str) -> dict:
+    """Assemble the table, JSON, metrics and plots (cheap: no caching)."""
+    return assemble_report(zoo_dir(zoo), base, selections, out_dir, criterion)
 
 
 @task(name="track", cache_policy=NO_CACHE, persist_result=False)
-def track(report: dict[str, Any], out_dir: str, uri: str | None = None) -> str:
+def track(result: dict[str, Any], out_dir: str, uri: str | None = None) -> str:
     """Log the report to MLflow (a new parent run per pipeline run)."""
-    return log_report(report, out_dir, uri)
+    return log_report(result, out_dir, uri)

@@ -76,3 +76,21 @@ def test_benchmark_script_runs_on_a_tiny_model(tmp_path: Path) -> None:
     assert {"cart", "ties", "cart grid 8 ratios x 10 scalings"} <= set(rows)
     assert rows["straightforward CART (in memory, full SVD)"]["max_relative_difference"] < 1e-5
     assert "| cart |" in (tmp_path / "res" / "results.md").read_text()
+
+
+def test_dotted_overrides_are_applied_then_validated() -> None:
+    from mergeflow.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml", {"methods.cart.scaling": 1.5, "zoo.text_minilm.epochs": 2})
+    assert cfg.method_params()["cart"].scaling == 1.5 and cfg.zoo.text_minilm.epochs == 2
+    assert load_config(ROOT / "params.yaml").method_params()["cart"].scaling == 2.0  # file untouched
+    with pytest.raises(ConfigError, match="rank_ratio"):
+        load_config(ROOT / "params.yaml", {"methods.cart.rank_ratio": 3})
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(ROOT / "params.yaml", {"device.x": 1})
+
+
+def test_cli_run_rejects_bad_overrides_before_any_work(tmp_path: Path) -> None:
+    from mergeflow.cli import main
+
+    assert main(["-q", "run", "--params", str(ROOT / "params.yaml"), "--set", "methods.nope={}"]) == 2

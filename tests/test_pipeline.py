@@ -41,21 +41,24 @@ def test_steps_are_cached_by_content(prefect_server, tmp_path: Path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = _params(tmp_path / "params.yaml", cart_scaling=2.0)
+    steps = ["build-zoo", "baselines", "select:weight_average", "select:cart"]
     first = pipeline(params_file=str(params), mlflow_uri=uri)
-    assert first["steps"] == {"build-zoo": "Completed", "merge-evaluate-select": "Completed"}
+    assert first["steps"] == dict.fromkeys(steps, "Completed")
     assert "| cart |" in first["table"]
 
     again = pipeline(params_file=str(params), mlflow_uri=uri)  # nothing changed
-    assert again["steps"] == {"build-zoo": "Cached", "merge-evaluate-select": "Cached"}
+    assert again["steps"] == dict.fromkeys(steps, "Cached")
     assert again["table"] == first["table"]
 
-    changed = pipeline(params_file=str(_params(params, cart_scaling=1.5)), mlflow_uri=uri)  # one merge parameter
-    assert changed["steps"] == {"build-zoo": "Cached", "merge-evaluate-select": "Completed"}
+    changed = pipeline(params_file=str(_params(params, cart_scaling=1.5)), mlflow_uri=uri)  # one CART parameter
+    assert changed["steps"] == {**dict.fromkeys(steps, "Cached"), "select:cart": "Completed"}
 
-    (tmp_path / "zoo" / "models" / "emoji.safetensors").unlink()  # an output vanished: recompute, not trust
+    chosen = next(Path(p) for p in (tmp_path / "zoo" / "report" / "merged").glob("weight_average-*"))
+    chosen.unlink()  # a cached step's output vanished: recomputed, not trusted
+    (tmp_path / "zoo" / "models" / "emoji.safetensors").unlink()
     rebuilt = pipeline(params_file=str(params), mlflow_uri=uri)
-    assert rebuilt["steps"]["build-zoo"] == "Completed"
-    assert (tmp_path / "zoo" / "models" / "emoji.safetensors").exists()
+    assert rebuilt["steps"]["build-zoo"] == "Completed" and rebuilt["steps"]["select:weight_average"] == "Completed"
+    assert (tmp_path / "zoo" / "models" / "emoji.safetensors").exists() and chosen.exists()
 
     client = MlflowClient(uri)
     parents = [result["mlflow_run"] for result in (first, again, changed, rebuilt)]

@@ -55,6 +55,119 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _accuracies(result: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, float]:
+    return {t: result[t]["accuracy"] for t in tasks}
+
+
+def evaluate_baselines(zoo_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """θ0 and every fine-tune on every task; ``individual`` holds each fine-tune on its own task."""
+    zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    evaluator = _Evaluator(zoo_dir, out_dir / "evaluations")
+    tasks = evaluator.tasks
+    models = {t: Path(zoo["tasks"][t]["model"]) for t in tasks}
+    individual = {
+        split: {t: _accuracies(evaluator(models[t], split), tasks)[t] for t in tasks}
+        for split in ("validation", "test")
+    }
+    zero = {
+        split: _accuracies(evaluator(Path(zoo["theta0"]["file"]), split), tasks) for split in ("validation", "test")
+    }
+    rows = [{"method": "zero-shot (θ0)", "params": {}, "test": zero["test"], "validation": zero["validation"]}]
+    rows += [
+        {"method": f"fine-tuned on {t}", "params": {}, "test": _accuracies(evaluator(models[t], "test"), tasks)}
+        for t in tasks
+    ]
+    return {"tasks": tasks, "individual": individual, "rows": rows}
+
+
+def _normalized(scores: dict[str, float], individual: dict[str, float]) -> float:
+    return _mean([scores[t] / max(individual[t], 1e-9) for t in individual])
+
+
+def select_method(
+    zoo_dir: str | Path,
+    method: str,
+    base: Mapping[str, Any],
+    grid: Mapping[str, list[Any]],
+    out_dir: str | Path,
+    individual: Mapping[str, Mapping[str, float]],
+    criterion: str = "normalized",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Merge every grid point of one method, score it on validation, test the best once.
+
+    Returns the method's row and its sweep; only the chosen model stays on disk.
+    """
+    zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    evaluator = _Evaluator(zoo_dir, out_dir / "evaluations")
+    tasks = evaluator.tasks
+    theta0 = Path(zoo["theta0"]["file"])
+    models = [Path(zoo["tasks"][t]["model"]) for t in tasks]
+    spec = get_method(method)
+
+    def scores(outputs: list[Path], split: str) -> dict[str, float]:
+        if spec.per_task_outputs:  # each task scored with its own model
+            return {t: _accuracies(evaluator(p, split), tasks)[t] for t, p in zip(tasks, outputs, strict=True)}
+        return _accuracies(evaluator(outputs[0], split), tasks)
+
+    def score(val: dict[str, float]) -> float:
+        return (
+            _normalized(val, dict(individual["validation"])) if criterion == "normalized" else _mean(list(val.values()))
+        )
+
+    tried = []
+    for point in grid_points(base, grid):
+        params = parse_params(method, point)
+        tag = hashlib.sha256(json.dumps(params_record(params), sort_keys=True).encode()).hexdigest()[:12]
+        target = out_dir / "merged" / (f"{method}-{tag}" if spec.per_task_outputs else f"{method}-{tag}.safetensors")
+        result = merge_checkpoints(method, theta0, models, target, params, device=device)
+        val = scores(result.outputs, "validation")
+        tried.append({"params": params_record(params), "validation": val, "score": score(val),
+                      "outputs": [str(p) for p in result.outputs]})  # fmt: skip
+    best = max(tried, key=lambda r: r["score"])
+    test = scores([Path(p) for p in best["outputs"]], "test")
+    for other in tried:  # keep only the chosen model on disk; evaluations stay cached
+        if other is not best:
+            for p in map(Path, other["outputs"]):
+                p.unlink(missing_ok=True)
+    row = {"method": method, "params": best["params"], "validation": best["validation"], "test": test,
+           "grid_points": len(tried), "outputs": best["outputs"]}  # fmt: skip
+    return {"row": row, "sweep": tried}
+
+
+def assemble_report(
+    zoo_dir: str | Path,
+    baselines: dict[str, Any],
+    selections: Mapping[str, dict[str, Any]],
+    out_dir: str | Path,
+    criterion: str = "normalized",
+) -> dict[str, Any]:
+    """Rows with mean and normalised test accuracy; results.json, report.md, metrics.json, plots."""
+    zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    tasks = baselines["tasks"]
+    rows = [dict(r) for r in baselines["rows"]] + [dict(sel["row"]) for sel in selections.values()]
+    for row in rows:
+        row["mean"] = _mean([row["test"][t] for t in tasks])
+        row["normalized"] = _normalized(row["test"], baselines["individual"]["test"])
+    report = {
+        "zoo": str(zoo_dir),
+        "theta0_sha256": zoo["theta0"]["sha256"],
+        "tasks": tasks,
+        "criterion": criterion,
+        "rows": rows,
+        "sweeps": {method: sel["sweep"] for method, sel in selections.items()},
+    }
+    write_text_atomic(out_dir / "results.json", json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "report.md", render(report) + "\n")
+    metrics = {r["method"]: {"mean": r["mean"], "normalized": r["normalized"]} for r in rows}
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    plot_report(report, out_dir)
+    return report
+
+
 def zoo_report(
     zoo_dir: str | Path,
     methods: Mapping[str, Mapping[str, Any]],
@@ -63,82 +176,17 @@ def zoo_report(
     criterion: str = "normalized",
     device: str = "auto",
 ) -> dict[str, Any]:
-    zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    """Baselines, then every method's validation-selected row, then the assembled report."""
     start = time.perf_counter()
-    zoo = json.loads((zoo_dir / "zoo.json").read_text())
-    evaluator = _Evaluator(zoo_dir, out_dir / "evaluations")
-    tasks = evaluator.tasks
-    theta0 = Path(zoo["theta0"]["file"])
-    models = [Path(zoo["tasks"][t]["model"]) for t in tasks]
-
-    def acc(result: dict[str, dict[str, float]]) -> dict[str, float]:
-        return {t: result[t]["accuracy"] for t in tasks}
-
-    individual = {split: {} for split in ("validation", "test")}
-    rows: list[dict[str, Any]] = []
-    for split in ("validation", "test"):
-        for task, model in zip(tasks, models, strict=True):
-            individual[split][task] = acc(evaluator(model, split))[task]
-    zero = {split: acc(evaluator(theta0, split)) for split in ("validation", "test")}
-    rows.append({"method": "zero-shot (θ0)", "params": {}, "test": zero["test"], "validation": zero["validation"]})
-    for task, model in zip(tasks, models, strict=True):
-        rows.append({"method": f"fine-tuned on {task}", "params": {}, "test": acc(evaluator(model, "test"))})
-
-    def normalized(scores: dict[str, float], split: str) -> float:
-        return _mean([scores[t] / max(individual[split][t], 1e-9) for t in tasks])
-
-    def score(scores: dict[str, float], split: str) -> float:
-        return normalized(scores, split) if criterion == "normalized" else _mean(list(scores.values()))
-
-    sweeps: dict[str, list[dict[str, Any]]] = {}
-    for method, base in methods.items():
-        spec = get_method(method)
-        points = grid_points(base, grids.get(method, {}))
-        tried = []
-        for point in points:
-            params = parse_params(method, point)
-            tag = hashlib.sha256(json.dumps(params_record(params), sort_keys=True).encode()).hexdigest()[:12]
-            target = (
-                out_dir / "merged" / (f"{method}-{tag}" if spec.per_task_outputs else f"{method}-{tag}.safetensors")
-            )
-            result = merge_checkpoints(method, theta0, models, target, params, device=device)
-            if spec.per_task_outputs:  # each task scored with its own model
-                val = {t: acc(evaluator(p, "validation"))[t] for t, p in zip(tasks, result.outputs, strict=True)}
-            else:
-                val = acc(evaluator(result.outputs[0], "validation"))
-            tried.append({"params": params_record(params), "validation": val, "score": score(val, "validation"),
-                          "outputs": [str(p) for p in result.outputs]})  # fmt: skip
-        best = max(tried, key=lambda r: r["score"])
-        outputs = [Path(p) for p in best["outputs"]]
-        if spec.per_task_outputs:
-            test = {t: acc(evaluator(p, "test"))[t] for t, p in zip(tasks, outputs, strict=True)}
-        else:
-            test = acc(evaluator(outputs[0], "test"))
-        for other in tried:  # keep only the chosen model on disk; evaluations stay cached
-            if other is not best:
-                for p in map(Path, other["outputs"]):
-                    p.unlink(missing_ok=True)
-        sweeps[method] = tried
-        rows.append({"method": method, "params": best["params"], "validation": best["validation"], "test": test,
-                     "grid_points": len(tried)})  # fmt: skip
-    for row in rows:
-        row["mean"] = _mean([row["test"][t] for t in tasks])
-        row["normalized"] = normalized(row["test"], "test")
-    report = {
-        "zoo": str(zoo_dir),
-        "theta0_sha256": zoo["theta0"]["sha256"],
-        "tasks": tasks,
-        "criterion": criterion,
-        "rows": rows,
-        "sweeps": sweeps,
-        "seconds": time.perf_counter() - start,
+    baselines = evaluate_baselines(zoo_dir, out_dir)
+    selections = {
+        method: select_method(
+            zoo_dir, method, base, grids.get(method, {}), out_dir, baselines["individual"], criterion, device
+        )
+        for method, base in methods.items()
     }
-    write_text_atomic(out_dir / "results.json", json.dumps(report, indent=1))
-    write_text_atomic(out_dir / "report.md", render(report) + "\n")
-    metrics = {r["method"]: {"mean": r["mean"], "normalized": r["normalized"]} for r in rows}
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-    plot_report(report, out_dir)
-    log.info("zoo report in %s (%.0f s)\n%s", out_dir, report["seconds"], render(report))
+    report = assemble_report(zoo_dir, baselines, selections, out_dir, criterion)
+    log.info("zoo report in %s (%.0f s)\n%s", out_dir, time.perf_counter() - start, render(report))
     return report
 
 
