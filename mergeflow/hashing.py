@@ -40,12 +40,6 @@ def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
     return digest.hexdigest()
 
 
-def sha256_files(paths: Sequence[str | Path], workers: int = 2) -> list[str]:
-    """Hashes of several files, computed in parallel threads (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(sha256_file, paths))
-
-
 def quick_identity(path: str | Path, samples: int = 16, block: int = 1 << 16) -> str:
     """A cheap content digest: file size, the first 1 MiB and ``samples`` evenly spaced blocks.
 
