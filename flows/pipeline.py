@@ -1,5 +1,6 @@
 """The main pipeline as a Prefect flow: build the zoo -> baselines -> one selection task per merge
-method (merge every grid point, score on validation, test the best) -> report -> MLflow.
+method (a grid basis from one merge pass, every grid point scored on validation as its own task,
+the best merged exactly and tested once) and one task per AdaMerging variant -> report -> MLflow.
 
 Every expensive step is a task cached by the content of its inputs (see ``tasks/``): rerunning
 with nothing changed returns cached results; changing one method's parameters reruns only that
@@ -20,7 +21,7 @@ from mergeflow.tracking import tracking_uri
 from mergeflow.zoo.build import zoo_files
 from mergeflow.zoo.report import render
 from tasks.caching import files_exist
-from tasks.pipeline_tasks import baselines, build_zoo, report, select, track
+from tasks.pipeline_tasks import adapt, baselines, build_zoo, report, select, track
 
 NIGHTLY_CRON = "0 2 * * *"
 
@@ -34,13 +35,15 @@ def _state_of(state: Any, valid: Any, rerun: Any) -> Any:
 def pipeline(
     params_file: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
+    preset: str | None = None,
     track_mlflow: bool = True,
     mlflow_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Run the job described by ``params_file`` plus dotted ``overrides`` (validated before any work)."""
-    cfg = load_config(params_file, overrides)
+    """Run the job described by ``params_file``, a run ``preset`` overlay and dotted ``overrides``
+    (all validated before any work starts)."""
+    cfg = load_config(params_file, overrides, preset)
     out_dir = str(Path(cfg.zoo.dir) / "report")
-    zoo_args = (str(cfg.zoo.dir), cfg.zoo.text_minilm.model_dump(mode="json"))
+    zoo_args = (str(cfg.zoo.dir), cfg.zoo.settings(), cfg.zoo.name)
     zoo_state = _state_of(
         build_zoo(*zoo_args, return_state=True),
         lambda zoo: files_exist(zoo_files(zoo)),
@@ -60,20 +63,26 @@ def pipeline(
             cfg.device,
             out_dir,
             base["individual"],
+            cfg.workers,
         )
         for method, params in cfg.methods.items()
     }
-    futures = {method: select.submit(*args) for method, args in calls.items()}
+    adaptations = {
+        name: (zoo, name, params.model_dump(mode="json"), out_dir) for name, params in cfg.adaptation.items()
+    }
+    futures = {("select", m): select.submit(*args) for m, args in calls.items()}
+    futures |= {("adapt", n): adapt.submit(*args) for n, args in adaptations.items()}
     selections = {}
-    for method, future in futures.items():
+    for (kind, name), future in futures.items():
         future.wait()
+        step, args = (select, calls[name]) if kind == "select" else (adapt, adaptations[name])
         state = _state_of(
             future.state,
             lambda sel: files_exist(sel["row"]["outputs"]),
-            lambda args=calls[method]: select.with_options(refresh_cache=True)(*args, return_state=True),
+            lambda step=step, args=args: step.with_options(refresh_cache=True)(*args, return_state=True),
         )
-        steps[f"select:{method}"] = state.name
-        selections[method] = state.result()
+        steps[f"{kind}:{name}"] = state.name
+        selections[name] = state.result()
     result = report(zoo, base, selections, out_dir, cfg.selection.criterion)
     run_id = track(result, out_dir, mlflow_uri or tracking_uri(cfg.tracking.uri)) if track_mlflow else None
     return {"steps": steps, "mlflow_run": run_id, "table": render(result)}

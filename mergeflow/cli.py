@@ -131,10 +131,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
     from mergeflow.config import load_config
-    from mergeflow.zoo.build import build_text_zoo
+    from mergeflow.zoo import build_zoo
 
-    cfg = load_config(args.params).zoo
-    zoo = build_text_zoo(args.dir or cfg.dir, cfg.text_minilm)
+    cfg = load_config(args.params, preset=args.preset).zoo
+    zoo = build_zoo(cfg.name, args.dir or cfg.dir, cfg.settings())
     sys.stdout.write(f"{Path(args.dir or cfg.dir) / 'zoo.json'}\n")
     for name, info in zoo["tasks"].items():
         sys.stdout.write(f"{name}\t{len(info['classes'])} classes\t{info['model']}\n")
@@ -159,11 +159,11 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
     from mergeflow.config import load_config
     from mergeflow.zoo.report import render, zoo_report
 
-    cfg = load_config(args.params)
+    cfg = load_config(args.params, preset=args.preset)
     zoo_dir = Path(args.dir or cfg.zoo.dir)
     report = zoo_report(
         zoo_dir, cfg.methods, cfg.selection.grids, args.output or zoo_dir / "report",
-        criterion=cfg.selection.criterion, device=cfg.device,
+        criterion=cfg.selection.criterion, device=cfg.device, adaptation=cfg.adaptation,
     )  # fmt: skip
     sys.stdout.write(render(report) + "\n")
     if not args.no_mlflow:
@@ -185,19 +185,34 @@ def _quiet_offline_services() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     _quiet_offline_services()
     from flows.pipeline import pipeline
+    from flows.runners import task_runner
     from mergeflow.config import load_config
 
     overrides = parse_assignments(args.set)
-    cfg = load_config(args.params, overrides)  # report bad parameters before Prefect starts anything
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    runner = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.workers))
-    result = runner(params_file=args.params, overrides=overrides, track_mlflow=not args.no_mlflow)
+    if args.dask:
+        overrides["dask_address"] = args.dask
+    cfg = load_config(args.params, overrides, args.preset)  # report bad parameters before Prefect starts anything
+    runner = pipeline.with_options(task_runner=task_runner(cfg.workers, cfg.dask_address))
+    result = runner(params_file=args.params, overrides=overrides, preset=args.preset, track_mlflow=not args.no_mlflow)
     sys.stdout.write(result["table"] + "\n")
     for step, state in result["steps"].items():
         sys.stdout.write(f"{step}: {state}\n")
     if result["mlflow_run"]:
         sys.stdout.write(f"MLflow run: {result['mlflow_run']}\n")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    _quiet_offline_services()
+    from flows.analyses import ANALYSES
+    from mergeflow.config import load_config
+
+    cfg = load_config(args.params, preset=args.preset)  # bad parameters are reported before any work
+    names = list(ANALYSES) if args.name == "all" else [args.name]
+    for name in names:
+        result = ANALYSES[name](params_file=args.params, preset=args.preset, track=not args.no_mlflow)
+        sys.stdout.write(f"## {name} ({result['dir']})\n{result['summary']}\n")
+    sys.stdout.write(f"report: {Path(cfg.analysis.dir) / 'report.md'}\n")
     return 0
 
 
@@ -264,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zoo_sub.add_parser("build", help="build (or resume) the zoo: data, heads, fine-tunes")
     build.add_argument("--params", default="params.yaml", metavar="FILE")
+    build.add_argument("--preset", metavar="NAME", help="a run preset (presets/NAME.yaml overlay)")
     build.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
     build.set_defaults(func=_cmd_zoo_build)
     ev = zoo_sub.add_parser("evaluate", help="accuracy of a checkpoint on every zoo task")
@@ -273,20 +289,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
     ev.set_defaults(func=_cmd_zoo_evaluate)
 
-    rep = zoo_sub.add_parser("report", help="every method, parameters chosen on validation, test once; table + plots")
-    rep.add_argument("--params", default="params.yaml", metavar="FILE")
-    rep.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
-    rep.add_argument("--output", metavar="DIR", help="default: <zoo dir>/report")
-    rep.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    rep.set_defaults(func=_cmd_zoo_report)
+    report_help = "every method with parameters chosen on validation, AdaMerging, test once; table + plots (no Prefect)"
+    for parent in (zoo_sub, sub):  # `mergeflow report` and `mergeflow zoo report` are the same command
+        rep = parent.add_parser("report", help=report_help)
+        rep.add_argument("--params", default="params.yaml", metavar="FILE")
+        rep.add_argument("--preset", metavar="NAME", help="a run preset (presets/NAME.yaml overlay)")
+        rep.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
+        rep.add_argument("--output", metavar="DIR", help="default: <zoo dir>/report")
+        rep.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+        rep.set_defaults(func=_cmd_zoo_report)
 
     run = sub.add_parser("run", help="the whole pipeline as a Prefect flow (cached steps, MLflow tracking)")
     run.add_argument("--params", default="params.yaml", metavar="FILE")
     run.add_argument("--no-mlflow", action="store_true")
+    run.add_argument("--preset", metavar="NAME", help="overlay presets/NAME.yaml on params.yaml (quick, paper-recipe)")
+    run.add_argument("--dask", metavar="ADDRESS", help="run tasks on a Dask cluster: tcp://host:8786, or 'local'")
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override params.yaml: methods.cart.scaling=1.5"
     )
     run.set_defaults(func=_cmd_run)
+    analyze = sub.add_parser("analyze", help="the papers' analyses as Prefect flows (figures, report, MLflow)")
+    analyze.add_argument(
+        "name", choices=("task-vectors", "rank-curve", "weight-templates", "soups", "scaling", "all"),
+        help="task-vectors, rank-curve (CART); weight-templates, soups, scaling (Rethink); all",
+    )  # fmt: skip
+    analyze.add_argument("--params", default="params.yaml", metavar="FILE")
+    analyze.add_argument("--preset", metavar="NAME", help="a run preset (presets/NAME.yaml overlay)")
+    analyze.add_argument("--no-mlflow", action="store_true")
+    analyze.set_defaults(func=_cmd_analyze)
     serve = sub.add_parser("serve", help="serve the nightly deployment of the pipeline (cron 0 2 * * *)")
     serve.add_argument("--params", default="params.yaml", metavar="FILE")
     serve.set_defaults(func=_cmd_serve)

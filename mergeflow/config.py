@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from mergeflow.adamerging import AdaMergingParams
+from mergeflow.analysis.vision import VisionAnalysisConfig
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MethodParams, parse_params
 from mergeflow.presets import get_preset
 from mergeflow.sources import Source
 from mergeflow.zoo.build import TextZooConfig
+from mergeflow.zoo.vision_zoo import VisionZooConfig
 
 
 class DemoConfig(BaseModel):
@@ -44,12 +47,19 @@ class AcquireConfig(BaseModel):
 
 
 class ZooSection(BaseModel):
-    """``zoo:`` in params.yaml: where the text zoo is built and how."""
+    """``zoo:`` in params.yaml: which zoo the pipeline uses, where it is built, and how."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    name: Literal["text-minilm", "vision-tiny"] = "text-minilm"
     dir: str = "out/zoo/text-minilm"
     text_minilm: TextZooConfig = TextZooConfig()
+    vision_tiny: VisionZooConfig = VisionZooConfig()
+
+    def settings(self) -> dict[str, Any]:
+        """The active zoo's build settings, as JSON."""
+        chosen = self.text_minilm if self.name == "text-minilm" else self.vision_tiny
+        return chosen.model_dump(mode="json")
 
 
 class SelectionConfig(BaseModel):
@@ -80,18 +90,45 @@ class TrackingConfig(BaseModel):
     uri: str = "sqlite:///out/mlflow.db"
 
 
+class RankCurveConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank_ratios: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0)
+    scalings: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+class AnalysisConfig(BaseModel):
+    """``analysis:``: where `mergeflow analyze` writes, and the settings of each analysis."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dir: str = "out/analysis"
+    rank_curve: RankCurveConfig = RankCurveConfig()
+    vision: VisionAnalysisConfig = VisionAnalysisConfig()
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "float64"] = "float32"
-    workers: int = Field(1, ge=1, description="pipeline tasks run at once (threads)")
+    workers: int = Field(1, ge=1, description="pipeline tasks run at once (threads, or local Dask workers)")
+    dask_address: str | None = Field(None, description="Dask scheduler (tcp://host:8786) or 'local'; None: threads")
     demo: DemoConfig = DemoConfig()
     acquire: AcquireConfig = AcquireConfig()
     zoo: ZooSection = ZooSection()
     selection: SelectionConfig = SelectionConfig()
     tracking: TrackingConfig = TrackingConfig()
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    adaptation: dict[str, AdaMergingParams] = Field(default_factory=dict)
+    analysis: AnalysisConfig = AnalysisConfig()
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> RunConfig:
+        clash = set(self.adaptation) & set(self.methods)
+        if clash:
+            raise ConfigError(f"adaptation names {sorted(clash)} are also merge methods: rename them")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -128,15 +165,47 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return result
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read and validate ``params.yaml`` (with ``overrides`` applied first); any problem is one ConfigError."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def _deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``overlay`` over ``base``: mappings merge key by key, anything else replaces."""
+    result = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), dict):
+            result[key] = _deep_merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def run_presets(params_file: str | Path = "params.yaml") -> dict[str, Path]:
+    """Run presets: ``presets/<name>.yaml`` beside ``params_file``, each an overlay of params.yaml."""
+    folder = Path(params_file).parent / "presets"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, preset: str | None = None) -> RunConfig:
+    """Read and validate ``params.yaml``, then the ``preset`` overlay, then dotted ``overrides``.
+
+    Any problem (unknown preset, method, parameter; invalid value) is one ConfigError.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if preset is not None:
+        presets = run_presets(path)
+        if preset not in presets:
+            raise ConfigError(f"unknown run preset {preset!r}; known: {', '.join(presets) or 'none'}")
+        raw = _deep_merge(raw, _read_yaml(presets[preset]))
     if overrides:
         raw = apply_overrides(raw, overrides)
     try:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 8 << 20
 
@@ -73,45 +74,54 @@ _cache_lock = threading.Lock()
 RACY_SECONDS = 2.0
 
 
-def cached_sha256(path: str | Path) -> str | None:
-    """The remembered hash of ``path`` if the file is unchanged since it was hashed, else None."""
-    cache = _cache_file()
-    if cache is None:
-        return None
+def _load_entries(cache: Path) -> dict[str, Any]:
     try:
         entries = json.loads(cache.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _hit(entries: dict[str, Any], path: str | Path) -> str | None:
     name, stat = _stat_key(path)
-    entry = entries.get(name) if isinstance(entries, dict) else None
+    entry = entries.get(name)
     if isinstance(entry, dict) and entry.get("stat") == stat and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     return None
 
 
-def remember_sha256(path: str | Path, digest: str, stat: list[int]) -> None:
-    """Record a hash computed for the file state ``stat`` (taken before hashing); best effort."""
+def cached_sha256(path: str | Path) -> str | None:
+    """The remembered hash of ``path`` if the file is unchanged since it was hashed, else None."""
     cache = _cache_file()
-    if cache is None:
-        return
-    name, now = _stat_key(path)
-    if now != stat or time.time_ns() - stat[3] < RACY_SECONDS * 1e9:  # changed, or too recent to trust
+    return None if cache is None else _hit(_load_entries(cache), path)
+
+
+def _trustworthy(path: str | Path, stat: list[int]) -> bool:
+    """Unchanged since ``stat`` was taken, and not modified too recently to trust its mtime."""
+    return _stat_key(path)[1] == stat and time.time_ns() - stat[3] >= RACY_SECONDS * 1e9
+
+
+def _store(new: dict[str, Any]) -> None:
+    """Merge ``new`` entries into the cache file (atomic replace); best effort."""
+    cache = _cache_file()
+    if cache is None or not new:
         return
     with _cache_lock:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                entries = json.loads(cache.read_text())
-            except (OSError, ValueError):
-                entries = {}
-            entries = entries if isinstance(entries, dict) else {}
-            entries[name] = {"stat": stat, "sha256": digest}
+            entries = _load_entries(cache) | new
             fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".sha256.")
             with os.fdopen(fd, "w") as handle:
                 json.dump(entries, handle)
             os.replace(tmp, cache)
         except OSError:
             pass
+
+
+def remember_sha256(path: str | Path, digest: str, stat: list[int]) -> None:
+    """Record a hash computed for the file state ``stat`` (taken before hashing); best effort."""
+    if _trustworthy(path, stat):
+        _store({_stat_key(path)[0]: {"stat": stat, "sha256": digest}})
 
 
 def sha256_file_cached(path: str | Path, cancel: threading.Event | None = None) -> str:
@@ -123,6 +133,23 @@ def sha256_file_cached(path: str | Path, cancel: threading.Event | None = None) 
     digest = sha256_file(path, cancel)
     remember_sha256(path, digest, stat)
     return digest
+
+
+def sha256_files_cached(paths: Sequence[str | Path]) -> dict[str, str]:
+    """sha256 of many files (path -> hex), reading and writing the cache once, not once per file."""
+    cache = _cache_file()
+    entries = _load_entries(cache) if cache is not None else {}
+    out, new = {}, {}
+    for path in paths:
+        hit = _hit(entries, path)
+        if hit is None:
+            name, stat = _stat_key(path)
+            hit = sha256_file(path)
+            if _trustworthy(path, stat):
+                new[name] = {"stat": stat, "sha256": hit}
+        out[str(path)] = hit
+    _store(new)
+    return out
 
 
 class BackgroundHasher:
@@ -141,3 +168,17 @@ class BackgroundHasher:
         """Stop work that is no longer needed; idempotent."""
         self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def code_version(*modules: str) -> str:
+    """sha256 of mergeflow's version and the library sources named (paths under ``mergeflow/``,
+    files or folders): part of every cache key whose result that code computes."""
+    import mergeflow
+
+    library = Path(mergeflow.__file__).resolve().parent
+    digest = hashlib.sha256(mergeflow.__version__.encode())
+    for module in sorted(modules):
+        target = library / module
+        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

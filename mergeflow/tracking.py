@@ -73,9 +73,22 @@ def _metrics(prefix: str, scores: dict[str, float]) -> dict[str, float]:
     return {metric_name(f"{prefix}.{task}"): float(value) for task, value in scores.items()}
 
 
+def _sweep_table(sweep: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Grid points as columns: every parameter, the validation score and per-task accuracy."""
+    names = sorted({k for p in sweep for k in p["params"]})
+    tasks = sorted({t for p in sweep for t in p["validation"]})
+    table: dict[str, list[Any]] = {f"param.{n}": [str(p["params"].get(n)) for p in sweep] for n in names}
+    table["validation.score"] = [p["score"] for p in sweep]
+    for task in tasks:
+        table[f"validation.{task}"] = [p["validation"][task] for p in sweep]
+    return table
+
+
 def log_report(report: dict[str, Any], out_dir: str | Path, uri: str | None = None) -> str:
     """Log a :func:`mergeflow.zoo.report.zoo_report` result; returns the parent run id."""
     import mlflow
+
+    from mergeflow.zoo.report import PLOTS
 
     out_dir = Path(out_dir)
     zoo = json.loads((Path(report["zoo"]) / "zoo.json").read_text())
@@ -92,14 +105,35 @@ def log_report(report: dict[str, Any], out_dir: str | Path, uri: str | None = No
                 metrics |= _metrics("test", row["test"])
                 metrics |= _metrics("validation", row.get("validation", {}))
                 mlflow.log_metrics(metrics)
-                for point in report["sweeps"].get(name, []):
-                    with mlflow.start_run(run_name=f"{name} grid point", nested=True, tags={**tags, "row": name}):
-                        mlflow.log_params({f"param.{k}": v for k, v in point["params"].items()})
-                        mlflow.log_metrics(
-                            {"validation.score": point["score"]} | _metrics("validation", point["validation"])
-                        )
+                sweep = report["sweeps"].get(name, [])
+                if sweep:  # the whole grid: a table artifact, and its scores as a metric series
+                    mlflow.log_table(_sweep_table(sweep), "grid.json")
+                    for step, point in enumerate(sweep):
+                        mlflow.log_metric("grid.validation.score", point["score"], step=step)
+                if name in report.get("adaptation", {}):
+                    for step, value in enumerate(report["adaptation"][name]["history"]):
+                        mlflow.log_metric("adaptation.entropy", value, step=step)
+                    mlflow.log_dict(report["adaptation"][name]["coefficients"], "coefficients.json")
         mlflow.log_metrics(_metrics("test.mean", {r["method"]: r["mean"] for r in report["rows"]}))
-        for name in ("results.json", "report.md", "metrics.json", "accuracy_by_task.png", "cart_rank_curve.png"):
+        for name in ("results.json", "report.md", "metrics.json", *PLOTS):
             if (out_dir / name).exists():
                 mlflow.log_artifact(str(out_dir / name))
         return parent.info.run_id
+
+
+def log_analysis(
+    name: str, folder: str | Path, params: dict[str, Any], metrics: dict[str, float], uri: str | None = None
+) -> str:
+    """One run per analysis in experiment ``mergeflow/analysis``: settings, headline numbers, and the
+    analysis folder (figures, JSON, summary) as artifacts. Returns the run id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    mlflow.set_experiment("mergeflow/analysis")
+    tags = {"mergeflow.version": mergeflow.__version__, "git.commit": _git_commit(), "analysis": name}
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        flat = {k: (",".join(map(str, v)) if isinstance(v, list | tuple) else v) for k, v in params.items()}
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
+        mlflow.log_artifacts(str(folder))
+        return run.info.run_id

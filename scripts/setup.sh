@@ -12,8 +12,10 @@ if [ -z "$PY" ]; then
   echo "mergeflow needs Python >= 3.11 (e.g. apt-get install python3.11 python3.11-venv)" >&2
   exit 1
 fi
-# Debian data for the text zoo (WordNet glosses, fortunes in four languages, Unicode emoji names).
-DEBIAN_DATA="wordnet-base fortunes fortunes-de fortunes-es fortunes-it unicode-data"
+# Debian data: the text zoo (WordNet glosses, fortunes in four languages, Unicode emoji names) and the
+# vision zoo and analyses (Fashion-MNIST, Noto Color Emoji, openclipart drawings).
+DEBIAN_DATA="wordnet-base fortunes fortunes-de fortunes-es fortunes-it unicode-data dataset-fashion-mnist
+  fonts-noto-color-emoji openclipart-png"
 missing=""
 for pkg in $DEBIAN_DATA; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"

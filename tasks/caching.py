@@ -8,18 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import mergeflow
+from mergeflow.hashing import code_version
 
-LIBRARY = Path(mergeflow.__file__).resolve().parent
-
-
-def code_version(*modules: str) -> str:
-    """sha256 of the library sources a task depends on (relative paths under ``mergeflow/``)."""
-    digest = hashlib.sha256(mergeflow.__version__.encode())
-    for module in sorted(modules):
-        for path in sorted((LIBRARY / module).rglob("*.py")) if (LIBRARY / module).is_dir() else [LIBRARY / module]:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+__all__ = ["code_version", "content_key", "files_exist"]
 
 
 def content_key(**parts: Any) -> str:

@@ -2,41 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 
+from mergeflow.adamerging import AdaMergingParams
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.tracking import log_report
-from mergeflow.zoo.build import TextZooConfig, build_text_zoo, zoo_files
-from mergeflow.zoo.report import assemble_report, evaluate_baselines, select_method
-from mergeflow.zoo.text_data import source_hashes
+from mergeflow.zoo import build_zoo as build_named_zoo
+from mergeflow.zoo import zoo_sources
+from mergeflow.zoo.adapt import adapt_zoo
+from mergeflow.zoo.build import zoo_files
+from mergeflow.zoo.report import assemble_report, evaluate_baselines, evaluate_grid_point, select_method
 from mergeflow.zoo.text_model import MINILM_SHA256
 from tasks.caching import code_version, content_key
 
-ZOO_CODE = ("zoo/build.py", "zoo/text_data.py", "zoo/text_model.py", "writer.py", "checkpoint.py")
-EVAL_CODE = ("zoo/report.py", "zoo/build.py", "zoo/text_model.py", "checkpoint.py")
-MERGE_CODE = (*EVAL_CODE, "engine.py", "methods", "linalg.py", "selectors.py", "writer.py")
+ZOO_CODE = ("zoo/build.py", "zoo/text_data.py", "zoo/text_model.py", "zoo/vision_data.py", "zoo/vision_model.py",
+            "zoo/vision_zoo.py", "writer.py", "checkpoint.py")  # fmt: skip
+EVAL_CODE = ("zoo/report.py", "zoo/build.py", "zoo/evaluator.py", "zoo/text_model.py", "zoo/vision_zoo.py",
+             "zoo/vision_model.py", "checkpoint.py")  # fmt: skip
+ADAPT_CODE = (*EVAL_CODE, "adamerging.py", "zoo/adapt.py", "linalg.py", "selectors.py", "writer.py")
+MERGE_CODE = (*EVAL_CODE, "engine.py", "grid.py", "methods", "linalg.py", "selectors.py", "writer.py")
 
 
 def zoo_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
-    config = parameters["config"]
+    name, config = parameters["name"], parameters["config"]
     return content_key(
         step="zoo",
+        name=name,
+        directory=parameters["directory"],
         config=config,
-        theta0=MINILM_SHA256,
-        data=source_hashes(config["tasks"]),
+        theta0=MINILM_SHA256 if name == "text-minilm" else "trained-here",
+        data=zoo_sources(name, config),
         code=code_version(*ZOO_CODE),
     )
 
 
 @task(name="build-zoo", cache_key_fn=zoo_cache_key, persist_result=True)
-def build_zoo(directory: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Data manifests, zero-shot heads and fine-tunes of the text-minilm zoo."""
-    return build_text_zoo(directory, TextZooConfig(**config))
+def build_zoo(directory: str, config: dict[str, Any], name: str = "text-minilm") -> dict[str, Any]:
+    """Data, heads and fine-tunes of the configured zoo (text-minilm or vision-tiny)."""
+    return build_named_zoo(name, directory, config)
 
 
 def zoo_content(zoo: dict[str, Any]) -> dict[str, str]:
@@ -49,7 +59,9 @@ def zoo_dir(zoo: dict[str, Any]) -> Path:
 
 
 def baselines_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return content_key(step="baselines", zoo=zoo_content(parameters["zoo"]), code=code_version(*EVAL_CODE))
+    return content_key(
+        step="baselines", zoo=zoo_content(parameters["zoo"]), out=parameters["out_dir"], code=code_version(*EVAL_CODE)
+    )
 
 
 @task(name="baselines", cache_key_fn=baselines_cache_key, persist_result=True)
@@ -61,8 +73,27 @@ def baselines(zoo: dict[str, Any], out_dir: str) -> dict[str, Any]:
 def select_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     return content_key(
         step="select", zoo=zoo_content(parameters["zoo"]), method=parameters["method"], base=parameters["base"],
-        grid=parameters["grid"], criterion=parameters["criterion"], code=code_version(*MERGE_CODE),
+        grid=parameters["grid"], criterion=parameters["criterion"], out=parameters["out_dir"],
+        code=code_version(*MERGE_CODE),
     )  # fmt: skip
+
+
+@task(name="evaluate-point", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_point(job: list[Any]) -> list[dict[str, dict[str, float]]]:
+    """One grid point A + λ·D on validation (the library caches it by content)."""
+    return evaluate_grid_point(*job)
+
+
+def point_tasks(workers: int) -> Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]:
+    """Evaluate grid points as Prefect tasks, ``workers`` at a time, on a runner of their own (a
+    child submitted to the parent's busy runner would wait forever for a free worker)."""
+
+    def run(_: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
+        with ThreadPoolTaskRunner(max_workers=max(1, workers)) as runner:
+            futures = [runner.submit(evaluate_point, parameters={"job": list(job)}) for job in jobs]
+            return [future.result() for future in futures]
+
+    return run
 
 
 @task(name="select", cache_key_fn=select_cache_key, persist_result=True)
@@ -75,9 +106,26 @@ def select(
     device: str,
     out_dir: str,
     individual: dict[str, Any],
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """One method: merge every grid point, score on validation, test the chosen point once."""
-    return select_method(zoo_dir(zoo), method, base, grid, out_dir, individual, criterion, device)
+    """One method: a grid basis from one merge pass, every point scored on validation as a task,
+    the chosen point merged exactly and tested once."""
+    return select_method(
+        zoo_dir(zoo), method, base, grid, out_dir, individual, criterion, device, map_points=point_tasks(workers)
+    )
+
+
+def adapt_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return content_key(
+        step="adapt", zoo=zoo_content(parameters["zoo"]), name=parameters["name"], params=parameters["params"],
+        out=parameters["out_dir"], code=code_version(*ADAPT_CODE),
+    )  # fmt: skip
+
+
+@task(name="adapt", cache_key_fn=adapt_cache_key, persist_result=True)
+def adapt(zoo: dict[str, Any], name: str, params: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """AdaMerging: coefficients learned on unlabelled test batches, then evaluated like a merge."""
+    return adapt_zoo(zoo_dir(zoo), name, AdaMergingParams(**params), out_dir)
 
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)

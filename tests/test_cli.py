@@ -66,3 +66,21 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path: Path) -> None:
     proc = _cli("merge", "--method", "cart", "--pretrained", str(base_path), "--finetuned", str(paths[1]),
                 "--output", str(out), "--set", "rank_ratio=2")  # fmt: skip
     assert proc.returncode == 2 and "rank_ratio" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_and_report_refuse_unknown_presets_and_bad_values_before_any_work(tmp_path: Path) -> None:
+    proc = _cli("run", "--preset", "no-such-preset", "--no-mlflow")
+    assert proc.returncode == 2 and "unknown run preset 'no-such-preset'" in proc.stderr
+    assert "paper-recipe" in proc.stderr and "quick" in proc.stderr  # the known ones are listed
+    proc = _cli("report", "--preset", "quick", "--no-mlflow", "--params", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "missing.yaml: cannot read" in proc.stderr
+    bad = tmp_path / "params.yaml"
+    bad.write_text("adaptation:\n  adamerging: {over: ties}\n")
+    proc = _cli("run", "--params", str(bad), "--no-mlflow")
+    assert proc.returncode == 2 and "adaptation.adamerging.over" in proc.stderr
+
+
+def test_report_is_a_top_level_command() -> None:
+    top, nested = _cli("report", "--help"), _cli("zoo", "report", "--help")
+    assert top.returncode == nested.returncode == 0
+    assert "--preset" in top.stdout and top.stdout.split("options:")[1] == nested.stdout.split("options:")[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergeflow.config import load_config
+from mergeflow.config import load_config, run_presets
 from mergeflow.demo import run_demo
 from mergeflow.errors import ConfigError
 from mergeflow.methods import method_names
@@ -94,3 +94,36 @@ def test_cli_run_rejects_bad_overrides_before_any_work(tmp_path: Path) -> None:
     from mergeflow.cli import main
 
     assert main(["-q", "run", "--params", str(ROOT / "params.yaml"), "--set", "methods.nope={}"]) == 2
+
+
+def test_run_presets_overlay_params_and_overrides_win(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "methods: {cart: {scaling: 2.0}}\nselection: {grids: {cart: {scaling: [1.0]}, ties: {scaling: [1.0]}}}\n"
+    )
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "wide.yaml").write_text("selection: {grids: {cart: {scaling: [1.0, 2.0, 3.0]}}}\n")
+    assert run_presets(params) == {"wide": tmp_path / "presets" / "wide.yaml"}
+    cfg = load_config(params, {"methods.cart.rank_ratio": 0.5}, preset="wide")
+    assert list(cfg.selection.grids["cart"]["scaling"]) == [1.0, 2.0, 3.0]  # the preset's grid
+    assert list(cfg.selection.grids["ties"]["scaling"]) == [1.0]  # untouched sections stay
+    assert cfg.methods["cart"] == {"scaling": 2.0, "rank_ratio": 0.5}
+    with pytest.raises(ConfigError, match="unknown run preset 'narrow'; known: wide"):
+        load_config(params, preset="narrow")
+
+
+def test_the_shipped_presets_are_valid() -> None:
+    root = Path(__file__).resolve().parents[1]
+    presets = run_presets(root / "params.yaml")
+    assert {"quick", "paper-recipe"} <= set(presets)
+    recipe = load_config(root / "params.yaml", preset="paper-recipe")
+    cart = recipe.selection.grids["cart"]
+    assert len(cart["scaling"]) * len(cart["rank_ratio"]) == 80
+    assert recipe.adaptation["adamerging"].steps == 500 and recipe.adaptation["adamerging_cart"].over == "cart"
+
+
+def test_adaptation_names_must_not_shadow_methods(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("methods: {cart: {}}\nadaptation: {cart: {over: cart}}\n")
+    with pytest.raises(ConfigError, match="also merge methods"):
+        load_config(params)

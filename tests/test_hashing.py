@@ -65,3 +65,26 @@ def test_quick_identity_depends_on_content(tmp_path: Path) -> None:
     c = tmp_path / "c"
     c.write_bytes(b"\0" * 5000)
     assert quick_identity(a) != quick_identity(b) and quick_identity(a) == quick_identity(c)
+
+
+def test_batch_hashing_writes_the_cache_once_and_agrees(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    import mergeflow.hashing as hashing
+
+    files = []
+    for i in range(20):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(bytes([i]) * 100)
+        _age(path, 60)
+        files.append(path)
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"new")  # too recent to remember
+    writes = []
+    original = hashing._store
+    monkeypatch.setattr(hashing, "_store", lambda new: (writes.append(len(new)), original(new)))
+    got = hashing.sha256_files_cached([*files, fresh])
+    assert got == {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in [*files, fresh]}
+    assert writes == [20]  # one cache write for the batch, without the racy file
+    assert all(cached_sha256(p) == got[str(p)] for p in files) and cached_sha256(fresh) is None
+    files[3].write_bytes(b"changed!" * 10)
+    _age(files[3], 30)
+    assert hashing.sha256_files_cached([files[3]])[str(files[3])] == hashlib.sha256(b"changed!" * 10).hexdigest()

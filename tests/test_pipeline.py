@@ -29,7 +29,8 @@ def _params(path: Path, cart_scaling: float) -> Path:
                                     "layers": 2, "max_length": 32},
                 },
                 "methods": {"weight_average": {}, "cart": {"scaling": cart_scaling}},
-                "selection": {"grids": {"cart": {"rank_ratio": [0.25, 1.0]}}},
+                "selection": {"grids": {"cart": {"rank_ratio": [0.25, 1.0], "scaling": [1.0, cart_scaling]}}},
+                "adaptation": {"adamerging": {"steps": 2, "batch_size": 4}},
             }
         )
     )  # fmt: skip
@@ -41,7 +42,7 @@ def test_steps_are_cached_by_content(prefect_server, tmp_path: Path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = _params(tmp_path / "params.yaml", cart_scaling=2.0)
-    steps = ["build-zoo", "baselines", "select:weight_average", "select:cart"]
+    steps = ["build-zoo", "baselines", "select:weight_average", "select:cart", "adapt:adamerging"]
     first = pipeline(params_file=str(params), mlflow_uri=uri)
     assert first["steps"] == dict.fromkeys(steps, "Completed")
     assert "| cart |" in first["table"]
@@ -70,3 +71,16 @@ def test_nightly_deployment_schedule_and_parameters() -> None:
     assert deployment.name == "nightly"
     assert [s.schedule.cron for s in deployment.schedules] == [NIGHTLY_CRON]
     assert deployment.parameters == {"params_file": "params.yaml"}
+
+
+def test_the_flow_runs_on_a_local_dask_cluster(prefect_server, tmp_path: Path) -> None:
+    """The same flow through prefect-dask (worker processes); a thread rerun then finds every step cached."""
+    from flows.runners import task_runner
+
+    params = _params(tmp_path / "params.yaml", cart_scaling=2.0)
+    steps = ["build-zoo", "baselines", "select:weight_average", "select:cart", "adapt:adamerging"]
+    on_dask = pipeline.with_options(task_runner=task_runner(2, "local"))(params_file=str(params), track_mlflow=False)
+    assert on_dask["steps"] == dict.fromkeys(steps, "Completed")
+    assert type(task_runner(2, "local")).__name__ == "DaskTaskRunner"
+    on_threads = pipeline.with_options(task_runner=task_runner(1))(params_file=str(params), track_mlflow=False)
+    assert on_threads["steps"] == dict.fromkeys(steps, "Cached") and on_threads["table"] == on_dask["table"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergeflow.adamerging import AdaMergingParams
 from mergeflow.checkpoint import open_checkpoint, read_state_dict
 from mergeflow.engine import merge_checkpoints
 from mergeflow.errors import CheckpointError
@@ -116,22 +117,33 @@ def test_report_selects_on_validation_and_caches_evaluations(tmp_path: Path) -> 
     methods = {"weight_average": {}, "task_arithmetic": {"scaling": 0.3}, "cart": {}, "cart_indexing": {}}
     grids = {"task_arithmetic": {"scaling": [0.3, 1.0]}, "cart": {"rank_ratio": [0.25, 1.0], "scaling": [1.0]}}
     out = tmp_path / "report"
-    report = zoo_report(tmp_path / "zoo", methods, grids, out)
+    adaptation = {"adamerging_cart": AdaMergingParams(over="cart", steps=3, batch_size=4, rank_ratio=0.25)}
+    report = zoo_report(tmp_path / "zoo", methods, grids, out, adaptation=adaptation)
     rows = {r["method"]: r for r in report["rows"]}
-    assert {"zero-shot (θ0)", "fine-tuned on language", "fine-tuned on emoji", *methods} <= set(rows)
+    assert {"zero-shot (θ0)", "fine-tuned on language", "fine-tuned on emoji", *methods, *adaptation} <= set(rows)
+    adapted = Path(rows["adamerging_cart"]["outputs"][0])
+    stamp = adapted.stat().st_mtime_ns
+    assert len(report["adaptation"]["adamerging_cart"]["history"]) == 3
     for method in ("task_arithmetic", "cart"):
         sweep = report["sweeps"][method]
         assert len(sweep) == 2 and rows[method]["grid_points"] == 2
         best = max(sweep, key=lambda p: p["score"])
         assert rows[method]["params"] == best["params"]  # chosen on validation
-        kept = [p for point in sweep for p in point["outputs"] if Path(p).exists()]
-        assert kept == best["outputs"]  # only the chosen model stays on disk
+        # the chosen point, merged exactly, scores on validation what its grid-basis version scored
+        exact = evaluate_checkpoint(tmp_path / "zoo", rows[method]["outputs"][0], "validation")
+        assert {t: r["accuracy"] for t, r in exact.items()} == best["validation"]
+    kept = sorted(p.name for p in (out / "merged").iterdir())
+    assert len(kept) == len(methods) + len(adaptation) and not list(
+        (out / "grid").iterdir()
+    )  # chosen models only, bases removed
     for name in ("results.json", "report.md", "accuracy_by_task.png", "cart_rank_curve.png"):
         assert (out / name).exists()
     assert "| cart |" in (out / "report.md").read_text()
     cached = sorted((out / "evaluations").iterdir())
-    again = zoo_report(tmp_path / "zoo", methods, grids, out)
+    again = zoo_report(tmp_path / "zoo", methods, grids, out, adaptation=adaptation)
     assert sorted((out / "evaluations").iterdir()) == cached  # nothing evaluated twice
+    assert adapted.stat().st_mtime_ns == stamp  # the adapted model is reused, not trained again
+    assert again["adaptation"] == report["adaptation"]
     assert [r["test"] for r in again["rows"]] == [r["test"] for r in report["rows"]]
 
     # MLflow: a parent run, a nested run per row (and per grid point), metrics, artifacts, lineage

@@ -83,19 +83,30 @@ class Cart(Merger):
         self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
     ) -> Iterator[torch.Tensor | list[torch.Tensor]]:
         """All (rank_ratio, scaling) points of a sweep from one factorization per task."""
-        solvers = {getattr(m.params, "svd_solver", None) for m in grid}
-        if (
-            key not in self.selected
-            or len(solvers) != 1
-            or any(not isinstance(m, Cart) or m.selected != self.selected for m in grid)
-        ):
+        shared = _shared_grid(self, key, base, tuned, grid)
+        if shared is None:
             return super().merge_grid(key, base, tuned, grid)
-        average, centred = centred_task_vectors(tuned)
-        shape = tuple(base.shape)
-        points = [m.params for m in grid if isinstance(m.params, CartParams)]
-        ranks = [rank_from_ratio(p.rank_ratio, shape) for p in points]
-        sums = cart_low_rank_sums(centred, ranks, solvers.pop())
+        average, centred, points, ranks, solver = shared
+        sums = cart_low_rank_sums(centred, ranks, solver)
         return (average + p.scaling * sums[k] for p, k in zip(points, ranks, strict=True))
+
+
+def _shared_grid(
+    merger: Merger, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
+) -> tuple[torch.Tensor, torch.Tensor, list[CartParams], list[int], str] | None:
+    """(θ_avg, τ̄, points, ranks, solver) when every grid point is the same CART variant on the same
+    selection and solver (factorizations can be shared), else None."""
+    solvers = {getattr(m.params, "svd_solver", None) for m in grid}
+    if (
+        key not in merger.selected
+        or len(solvers) != 1
+        or any(type(m) is not type(merger) or m.selected != merger.selected for m in grid)
+    ):
+        return None
+    average, centred = centred_task_vectors(tuned)
+    points = [m.params for m in grid if isinstance(m.params, CartParams)]
+    ranks = [rank_from_ratio(p.rank_ratio, tuple(base.shape)) for p in points]
+    return average, centred, points, ranks, str(solvers.pop())
 
 
 @register("cart_indexing", CartParams, "one model per task: θ_avg + scaling·SVD_k(θt − θ_avg)")
@@ -110,3 +121,32 @@ class CartIndexing(Merger):
         average, centred = centred_task_vectors(tuned)
         k = rank_from_ratio(self.params.rank_ratio, tuple(base.shape))
         return [average + self.params.scaling * low_rank(tau, k, self.params.svd_solver) for tau in centred]
+
+    def merge_grid(
+        self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
+    ) -> Iterator[torch.Tensor | list[torch.Tensor]]:
+        """All points of a sweep from one truncated SVD per task at the largest rank."""
+        shared = _shared_grid(self, key, base, tuned, grid)
+        if shared is None:
+            return super().merge_grid(key, base, tuned, grid)
+        average, centred, points, ranks, solver = shared
+        parts = task_low_rank_parts(centred, ranks, solver)
+        return ([average + p.scaling * part for part in parts[k]] for p, k in zip(points, ranks, strict=True))
+
+
+def task_low_rank_parts(
+    centred: torch.Tensor, ranks: Sequence[int], solver: str = "gram"
+) -> dict[int, list[torch.Tensor]]:
+    """[SVD_k(τ̄t) for each t] for several k, from one top-k_max factorization per task."""
+    full = min(centred.shape[-2:])
+    partial = sorted({k for k in ranks if 0 < k < full})
+    factors = [top_svd(tau, partial[-1], solver) for tau in centred] if partial else []
+    out: dict[int, list[torch.Tensor]] = {}
+    for k in set(ranks):
+        if k <= 0:
+            out[k] = [torch.zeros_like(tau) for tau in centred]
+        elif k >= full:
+            out[k] = [tau.clone() for tau in centred]
+        else:
+            out[k] = [(u[:, :k] * s[:k]) @ vh[:k] for u, s, vh in factors]
+    return out

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
@@ -29,7 +28,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
 from mergeflow.zoo.text_data import TASK_BUILDERS, make_splits, manifest
-from mergeflow.zoo.text_model import MINILM_SHA256, evaluate, finetune, load_text_encoder, minilm_dir, zero_shot_head
+from mergeflow.zoo.text_model import MINILM_SHA256, finetune, load_text_encoder, minilm_dir, zero_shot_head
 
 log = logging.getLogger("mergeflow.zoo")
 
@@ -150,13 +149,6 @@ def evaluate_checkpoint(
     zoo_dir: str | Path, checkpoint: str | Path, split: str = "test"
 ) -> dict[str, dict[str, float]]:
     """Accuracy and loss of one (merged) encoder on every task of the zoo, with the frozen heads."""
-    zoo = json.loads((Path(zoo_dir) / "zoo.json").read_text())
-    cfg = TextZooConfig(**zoo["config"])
-    encoder = load_text_encoder(read_state_dict(checkpoint), layers=cfg.layers, max_length=cfg.max_length)
-    results = {}
-    for name, info in zoo["tasks"].items():
-        data = json.loads(Path(info["data"]).read_text())["splits"][split]
-        head = read_state_dict(info["head"])["weight"]
-        with torch.inference_mode():
-            results[name] = evaluate(encoder, head, data["texts"], data["labels"])
-    return results
+    from mergeflow.zoo.evaluator import evaluator_for
+
+    return evaluator_for(zoo_dir).evaluate(read_state_dict(checkpoint), split)

@@ -1,0 +1,1 @@
+"""The papers' analyses: CART's task-vector spectra and Rethink's soups, templates and scaling."""

@@ -1,0 +1,142 @@
+"""Fast repeated evaluation on a built text zoo: one MiniLM, the heads, and every split tokenised once.
+
+Batches are formed from examples sorted by token length (little padding), so evaluating a model
+costs forward passes only. Accuracy is top-1 of ``head · embedding``; loss is mean cross-entropy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mergeflow.checkpoint import read_state_dict
+from mergeflow.errors import CheckpointError
+from mergeflow.zoo.text_model import _weights, load_text_encoder
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # tokenised inputs, labels
+
+
+class ZooEvaluator:
+    """Evaluates state dicts of θ0's architecture on every task of a text zoo."""
+
+    def __init__(self, zoo_dir: str | Path, batch_size: int = 64):
+        from mergeflow.zoo.build import TextZooConfig
+
+        self.zoo_dir = Path(zoo_dir)
+        self.zoo = json.loads((self.zoo_dir / "zoo.json").read_text())
+        cfg = TextZooConfig(**self.zoo["config"])
+        self.encoder = load_text_encoder(layers=cfg.layers, max_length=cfg.max_length)
+        self.tasks: list[str] = list(self.zoo["tasks"])
+        self.heads = {t: read_state_dict(info["head"])["weight"] for t, info in self.zoo["tasks"].items()}
+        self.batch_size = batch_size
+        self._batches: dict[tuple[str, str], list[Batch]] = {}
+        self._loaded: str | None = None
+
+    def texts(self, task: str, split: str) -> tuple[list[str], list[int]]:
+        data = json.loads(Path(self.zoo["tasks"][task]["data"]).read_text())["splits"][split]
+        return data["texts"], data["labels"]
+
+    def batches(self, task: str, split: str) -> list[Batch]:
+        """Length-sorted, padded batches of one task's split (built once)."""
+        if (task, split) not in self._batches:
+            texts, labels = self.texts(task, split)
+            tokenizer = self.encoder.tokenizer
+            tokens = tokenizer(texts, truncation=True, max_length=self.encoder.max_length)  # type: ignore[operator]
+            order = sorted(range(len(texts)), key=lambda i: (len(tokens["input_ids"][i]), i))
+            batches = []
+            for start in range(0, len(order), self.batch_size):
+                chosen = order[start : start + self.batch_size]
+                features = {name: [tokens[name][i] for i in chosen] for name in tokens}
+                padded = tokenizer.pad(features, return_tensors="pt")  # type: ignore[attr-defined]
+                batches.append((dict(padded), torch.tensor([labels[i] for i in chosen])))
+            self._batches[(task, split)] = batches
+        return self._batches[(task, split)]
+
+    def load(self, state: Mapping[str, torch.Tensor], tag: str | None = None) -> None:
+        """Put ``state`` into the encoder (skipped when ``tag`` names the state already loaded)."""
+        if tag is not None and tag == self._loaded:
+            return
+        missing, unexpected = self.encoder.model.load_state_dict(_weights(state), strict=False)
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise CheckpointError(f"weights do not fit the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self._loaded = tag
+
+    def embed(self, inputs: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Normalised mean-pooled embeddings; ``params`` replaces weights functionally (differentiable)."""
+        model = self.encoder.model
+        if params is None:
+            hidden = model(**inputs).last_hidden_state
+        else:
+            output = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False)
+            hidden = output.last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.encoder.model
+
+    def sample_unlabelled(self, task: str, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``count`` random test texts of ``task``, tokenised (labels are not read)."""
+        texts = self.texts(task, "test")[0]
+        chosen = torch.randint(len(texts), (count,), generator=generator).tolist()
+        return dict(self.encoder.tokenize([texts[i] for i in chosen]))
+
+    def logits_with(
+        self, task: str, inputs: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return self.embed(inputs, params=params) @ self.heads[task].T
+
+    @torch.inference_mode()
+    def evaluate(
+        self,
+        state: Mapping[str, torch.Tensor] | None,
+        split: str,
+        tasks: list[str] | None = None,
+        tag: str | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Accuracy, loss and count per task of ``state`` (None: the weights already loaded)."""
+        if state is not None:
+            self.load(state, tag)
+        self.encoder.model.eval()
+        results = {}
+        for task in tasks or self.tasks:
+            correct, loss, n = 0, 0.0, 0
+            for inputs, labels in self.batches(task, split):
+                logits = self.embed(inputs) @ self.heads[task].T
+                loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                n += len(labels)
+            results[task] = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+        return results
+
+
+_local = threading.local()
+
+
+def make_evaluator(zoo_dir: str | Path) -> Any:
+    """The evaluator of a zoo's kind: text (MiniLM) or vision (tiny open_clip tower)."""
+    zoo = json.loads((Path(zoo_dir) / "zoo.json").read_text())
+    if zoo.get("kind") == "vision":
+        from mergeflow.zoo.vision_zoo import VisionEvaluator
+
+        return VisionEvaluator(zoo_dir)
+    return ZooEvaluator(zoo_dir)
+
+
+def evaluator_for(zoo_dir: str | Path) -> Any:
+    """This thread's evaluator for ``zoo_dir`` (rebuilt when the zoo's description changes)."""
+    key = hashlib.sha256((Path(zoo_dir) / "zoo.json").read_bytes()).hexdigest() + str(Path(zoo_dir).resolve())
+    cache: dict[str, Any] = getattr(_local, "cache", None) or {}
+    if key not in cache:
+        cache.clear()  # one zoo at a time per thread: an encoder is ~90 MB
+        cache[key] = make_evaluator(zoo_dir)
+        _local.cache = cache
+    return cache[key]
