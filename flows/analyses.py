@@ -13,6 +13,7 @@ settings, library code); figures, the Markdown report and MLflow logging are red
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,21 +68,32 @@ def _finish(name: str, cfg: RunConfig, summary: str, params: dict[str, Any], met
 
 
 @flow(name="task-vectors")
-def task_vectors(params_file: str = "params.yaml", preset: str | None = None, track: bool = True) -> dict[str, Any]:
+def task_vectors(
+    params_file: str = "params.yaml", preset: str | None = None, track: bool = True, manifest: str | None = None
+) -> dict[str, Any]:
+    """On the configured zoo, or on any checkpoint set: a `mergeflow acquire` ``manifest`` (the
+    paper presets: θ0 and the fine-tunes as acquired, e.g. CLIP ViT-B/32 with 8 task checkpoints)."""
     from mergeflow.analysis.task_vectors import analyze_task_vectors, write_task_vector_report
+    from mergeflow.hashing import sha256_file_cached
 
     cfg = load_config(params_file, preset=preset)
-    zoo = _zoo(cfg)
-    models = [info["model"] for info in zoo["tasks"].values()]
-    inputs = {"zoo": zoo_content(zoo), "code": code_version("analysis", "engine.py")}
+    if manifest is None:
+        zoo = _zoo(cfg)
+        theta0, models = zoo["theta0"]["file"], [info["model"] for info in zoo["tasks"].values()]
+        title, content = zoo.get("name", "zoo"), zoo_content(zoo)
+    else:
+        described = json.loads(Path(manifest).read_text())
+        theta0, models = described["pretrained"], list(described["finetuned"])
+        title, content = Path(manifest).stem, {p: sha256_file_cached(p) for p in (theta0, *models)}
+    inputs = {"checkpoints": content, "code": code_version("analysis", "engine.py")}
     result = compute.with_options(name="analysis:task-vectors")(
-        "task-vectors", inputs, lambda: analyze_task_vectors(zoo["theta0"]["file"], models)
+        "task-vectors", inputs, lambda: analyze_task_vectors(theta0, models)
     )
-    write_task_vector_report(result, Path(cfg.analysis.dir) / "task-vectors", "text-minilm")
+    write_task_vector_report(result, Path(cfg.analysis.dir) / "task-vectors", title)
     body = result["layer_types"]
     metrics = {f"interference.{kind}.{label}.k12": body[kind][label]["interference"][result["ratios"].index(0.12)]
                for kind in body for label in ("centred", "uncentred") if 0.12 in result["ratios"]}  # fmt: skip
-    return _finish("task-vectors", cfg, figures.task_vector_summary(result), {"zoo": cfg.zoo.dir}, metrics, track)
+    return _finish("task-vectors", cfg, figures.task_vector_summary(result), {"checkpoints": title}, metrics, track)
 
 
 @flow(name="rank-curve")
@@ -186,8 +198,6 @@ def scaling(params_file: str = "params.yaml", preset: str | None = None, track: 
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, indent=1)
 
 

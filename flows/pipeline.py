@@ -68,7 +68,8 @@ def pipeline(
         for method, params in cfg.methods.items()
     }
     adaptations = {
-        name: (zoo, name, params.model_dump(mode="json"), out_dir) for name, params in cfg.adaptation.items()
+        name: (zoo, name, params.model_dump(mode="json"), out_dir, cfg.device)
+        for name, params in cfg.adaptation.items()
     }
     futures = {("select", m): select.submit(*args) for m, args in calls.items()}
     futures |= {("adapt", n): adapt.submit(*args) for n, args in adaptations.items()}

@@ -104,7 +104,8 @@ def adamerge(
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     keys = sorted(vectors[0]) if vectors else []
-    coefficients = {k: torch.full((len(vectors),), params.init, requires_grad=True) for k in keys}
+    device = next(iter(anchor.values())).device if anchor else torch.device("cpu")
+    coefficients = {k: torch.full((len(vectors),), params.init, device=device, requires_grad=True) for k in keys}
     optimizer = torch.optim.Adam(list(coefficients.values()), lr=params.lr)
     history, start = [], time.perf_counter()
     for step in range(params.steps):
@@ -119,5 +120,5 @@ def adamerge(
                      history[-1], time.perf_counter() - start)  # fmt: skip
     with torch.no_grad():
         merged = {k: v.detach() for k, v in combine(anchor, vectors, coefficients, params.clip).items()}
-        final = {k: v.detach().clamp(*params.clip) for k, v in coefficients.items()}
+        final = {k: v.detach().clamp(*params.clip).cpu() for k, v in coefficients.items()}
     return merged, final, history

@@ -209,8 +209,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.params, preset=args.preset)  # bad parameters are reported before any work
     names = list(ANALYSES) if args.name == "all" else [args.name]
+    if args.manifest and names != ["task-vectors"]:
+        raise MergeflowError("--manifest applies to task-vectors only (the others need a zoo's data)")
     for name in names:
-        result = ANALYSES[name](params_file=args.params, preset=args.preset, track=not args.no_mlflow)
+        extra = {"manifest": args.manifest} if args.manifest else {}
+        result = ANALYSES[name](params_file=args.params, preset=args.preset, track=not args.no_mlflow, **extra)
         sys.stdout.write(f"## {name} ({result['dir']})\n{result['summary']}\n")
     sys.stdout.write(f"report: {Path(cfg.analysis.dir) / 'report.md'}\n")
     return 0
@@ -316,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--params", default="params.yaml", metavar="FILE")
     analyze.add_argument("--preset", metavar="NAME", help="a run preset (presets/NAME.yaml overlay)")
     analyze.add_argument("--no-mlflow", action="store_true")
+    analyze.add_argument(
+        "--manifest", metavar="FILE", help="task-vectors on a `mergeflow acquire` manifest (e.g. a paper preset)"
+    )
     analyze.set_defaults(func=_cmd_analyze)
     serve = sub.add_parser("serve", help="serve the nightly deployment of the pipeline (cron 0 2 * * *)")
     serve.add_argument("--params", default="params.yaml", metavar="FILE")

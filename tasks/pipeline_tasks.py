@@ -123,9 +123,9 @@ def adapt_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(name="adapt", cache_key_fn=adapt_cache_key, persist_result=True)
-def adapt(zoo: dict[str, Any], name: str, params: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    """AdaMerging: coefficients learned on unlabelled test batches, then evaluated like a merge."""
-    return adapt_zoo(zoo_dir(zoo), name, AdaMergingParams(**params), out_dir)
+def adapt(zoo: dict[str, Any], name: str, params: dict[str, Any], out_dir: str, device: str = "auto") -> dict[str, Any]:
+    """AdaMerging: coefficients learned on unlabelled test batches (GPU when present), then evaluated."""
+    return adapt_zoo(zoo_dir(zoo), name, AdaMergingParams(**params), out_dir, device)
 
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)

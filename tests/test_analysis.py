@@ -198,3 +198,23 @@ def test_seeded_fine_tunes_are_distinct_models_and_match_their_files(tmp_path: P
     for seed, state in enumerate(tuned):
         stored = read_state_dict(tmp_path / f"cnn-mnist5k-seed{seed}.safetensors")
         assert all(torch.equal(stored[k], state[k]) for k in state)
+
+
+def test_task_vector_flow_on_an_acquired_manifest(tmp_path: Path) -> None:
+    """The paper presets come as `mergeflow acquire` manifests; task-vectors runs on one."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.analyses import task_vectors
+
+    base, tuned = random_state_dicts(LAYOUTS["open_clip"](), tasks=3, seed=5, dtype=torch.float32)
+    theta0, models = write_set(tmp_path / "store", base, tuned)
+    manifest = tmp_path / "clip-like.json"
+    manifest.write_text(json.dumps({"pretrained": str(theta0), "finetuned": [str(m) for m in models]}))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"analysis: {{dir: {tmp_path / 'analysis'}}}\n")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_test_harness():
+        result = task_vectors(params_file=str(params), track=False, manifest=str(manifest))
+    stored = json.loads((tmp_path / "analysis" / "task-vectors" / "task_vectors.json").read_text())
+    assert stored["tasks"] == 3 and set(stored["layer_types"]) == {"attn.qkv", "attn.out", "mlp.in", "mlp.out"}
+    assert "attn.qkv" in result["summary"] and (tmp_path / "analysis" / "report.md").exists()

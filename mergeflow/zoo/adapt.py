@@ -16,6 +16,7 @@ import torch
 
 from mergeflow.adamerging import AdaMergingParams, adamerge, adaptation_vectors
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
+from mergeflow.devices import resolve_device
 from mergeflow.hashing import code_version, sha256_file_cached
 from mergeflow.writer import save_state_dict
 from mergeflow.zoo.evaluator import make_evaluator
@@ -23,8 +24,11 @@ from mergeflow.zoo.evaluator import make_evaluator
 log = logging.getLogger("mergeflow.adapt")
 
 
-def adapt_zoo(zoo_dir: str | Path, name: str, params: AdaMergingParams, out_dir: str | Path) -> dict[str, Any]:
-    """Run one AdaMerging variant on the zoo; returns its report row, loss curve and coefficients.
+def adapt_zoo(
+    zoo_dir: str | Path, name: str, params: AdaMergingParams, out_dir: str | Path, device: str = "auto"
+) -> dict[str, Any]:
+    """Run one AdaMerging variant on the zoo (on CUDA when ``device`` resolves to it); returns its
+    report row, loss curve and coefficients.
 
     The adapted model is written atomically with a fingerprint of everything that determines it,
     so a rerun with the same inputs loads it instead of training again.
@@ -53,7 +57,10 @@ def adapt_zoo(zoo_dir: str | Path, name: str, params: AdaMergingParams, out_dir:
     else:
         base = read_state_dict(theta0)
         anchor, vectors = adaptation_vectors(params, base, [read_state_dict(m) for m in models])
-        engine = make_evaluator(zoo_dir)
+        where = resolve_device(device)
+        anchor = {k: v.to(where) for k, v in anchor.items()}
+        vectors = [{k: v.to(where) for k, v in vector.items()} for vector in vectors]
+        engine = make_evaluator(zoo_dir).to(where)
         engine.module.eval()  # no dropout: the entropy is the deployed model's
         for parameter in engine.module.parameters():
             parameter.requires_grad_(False)
@@ -65,7 +72,7 @@ def adapt_zoo(zoo_dir: str | Path, name: str, params: AdaMergingParams, out_dir:
         merged, lam, history = adamerge(anchor, vectors, task_logits, params)
         coefficients = {k: [round(float(x), 6) for x in v] for k, v in lam.items()}
         seconds = time.perf_counter() - start
-        state = {k: (merged[k].to(v.dtype) if k in merged else v) for k, v in base.items()}
+        state = {k: (merged[k].to("cpu", v.dtype) if k in merged else v) for k, v in base.items()}
         record_out = {"history": history, "coefficients": coefficients, "seconds": seconds, "inputs": record}
         meta = {
             "mergeflow.fingerprint": fingerprint,

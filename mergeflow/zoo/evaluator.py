@@ -92,7 +92,14 @@ class ZooEvaluator:
     def logits_with(
         self, task: str, inputs: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        return self.embed(inputs, params=params) @ self.heads[task].T
+        head = self.heads[task]
+        return self.embed({k: v.to(head.device) for k, v in inputs.items()}, params=params) @ head.T
+
+    def to(self, device: torch.device) -> ZooEvaluator:
+        """Move the encoder and heads (adaptation on a GPU); evaluation keeps to the CPU copy."""
+        self.encoder.model.to(device)
+        self.heads = {t: h.to(device) for t, h in self.heads.items()}
+        return self
 
     @torch.inference_mode()
     def evaluate(

@@ -264,7 +264,7 @@ def zoo_report(
         for method, base in methods.items()
     }
     for name, params in (adaptation or {}).items():
-        selections[name] = adapt_zoo(zoo_dir, name, params, out_dir)
+        selections[name] = adapt_zoo(zoo_dir, name, params, out_dir, device)
     report = assemble_report(zoo_dir, baselines, selections, out_dir, criterion)
     log.info("zoo report in %s (%.0f s)\n%s", out_dir, time.perf_counter() - start, render(report))
     return report

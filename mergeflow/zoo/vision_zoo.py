@@ -180,7 +180,13 @@ class VisionEvaluator:
         return images[torch.randint(len(images), (count,), generator=generator)]
 
     def logits_with(self, task: str, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.logits(task, images, params)
+        return self.logits(task, images.to(self.heads[task]["weight"].device), params)
+
+    def to(self, device: torch.device) -> VisionEvaluator:
+        """Move the tower and heads (adaptation on a GPU)."""
+        self.model.to(device)
+        self.heads = {t: {k: v.to(device) for k, v in h.items()} for t, h in self.heads.items()}
+        return self
 
     @torch.no_grad()
     def evaluate(
