@@ -127,6 +127,60 @@ def _serial(function: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[A
     return [function(*job) for job in jobs]
 
 
+MapPoints = Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
+
+
+def score_grid_points(
+    zoo_dir: str | Path,
+    method: str,
+    points: list[dict[str, Any]],
+    out_dir: str | Path,
+    split: str = "validation",
+    device: str = "auto",
+    map_points: MapPoints | None = None,
+    keep_basis: bool = False,
+) -> tuple[list[tuple[dict[str, Any], list[dict[str, dict[str, float]]]]], float | None]:
+    """Evaluate grid points of one method on ``split`` from a grid basis (see :mod:`mergeflow.grid`).
+
+    The basis (one merge pass) is built only when some point's evaluation is not cached, and removed
+    afterwards unless ``keep_basis``. ``map_points(fn, jobs)`` runs the evaluations (default: one
+    after another). Returns [(point parameters, results per output model)] in grid-group order, and
+    the merge pass's seconds (None when no pass was needed).
+    """
+    from mergeflow.grid import basis_key, build_grid_basis, remove_basis, scaling_groups
+
+    zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    theta0 = Path(zoo["theta0"]["file"])
+    models = [Path(info["model"]) for info in zoo["tasks"].values()]
+    groups = scaling_groups(method, points)
+    key = basis_key(method, groups, [sha256_file_cached(p) for p in (theta0, *models)], "float32")
+    basis_dir = out_dir / "grid" / f"{method}-{key[:12]}"
+    cache_dir = out_dir / "evaluations"
+    data_key = _Evaluator(zoo_dir, cache_dir).data_key
+    jobs = [
+        (str(zoo_dir), str(basis_dir), key, index, scaling, split, str(cache_dir))
+        for index, group in enumerate(groups)
+        for scaling in group["scalings"] or [None]
+    ]
+    seconds = None
+    if not all(_point_cache(cache_dir, *job[2:6], data_key).exists() for job in jobs):
+        start = time.perf_counter()
+        if not (basis_dir / "basis.json").exists() or json.loads((basis_dir / "basis.json").read_text())["key"] != key:
+            built = build_grid_basis(method, theta0, models, points, basis_dir, device=device)
+            if built["key"] != key:
+                raise MergeflowError(f"{method}: the grid basis was built from inputs that changed meanwhile")
+        seconds = time.perf_counter() - start
+    evaluated = (map_points or _serial)(evaluate_grid_point, jobs)
+    if not keep_basis:
+        remove_basis(basis_dir)
+    scored = []
+    for job, results in zip(jobs, evaluated, strict=True):
+        values = {**groups[job[3]]["params"], **({} if job[4] is None else {"scaling": job[4]})}
+        scored.append((values, results))
+    return scored, seconds
+
+
 def select_method(
     zoo_dir: str | Path,
     method: str,
@@ -136,16 +190,14 @@ def select_method(
     individual: Mapping[str, Mapping[str, float]],
     criterion: str = "normalized",
     device: str = "auto",
-    map_points: Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]] | None = None,
+    map_points: MapPoints | None = None,
 ) -> dict[str, Any]:
     """Score every grid point of one method on validation, merge the best exactly, test it once.
 
-    The grid comes from one streamed pass (see :mod:`mergeflow.grid`); ``map_points(fn, jobs)``
-    evaluates the points (default: one after another; the pipeline passes concurrent tasks).
-    Only the chosen model stays on disk.
+    The grid's points come from one streamed merge pass (:func:`score_grid_points`);
+    ``map_points(fn, jobs)`` evaluates them (default: one after another; the pipeline passes
+    concurrent tasks). Only the chosen model stays on disk.
     """
-    from mergeflow.grid import basis_key, build_grid_basis, remove_basis, scaling_groups
-
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
     zoo = json.loads((zoo_dir / "zoo.json").read_text())
     evaluator = _Evaluator(zoo_dir, out_dir / "evaluations")
@@ -164,38 +216,19 @@ def select_method(
             _normalized(val, dict(individual["validation"])) if criterion == "normalized" else _mean(list(val.values()))
         )
 
-    points = grid_points(base, grid)
-    groups = scaling_groups(method, points)
-    key = basis_key(method, groups, [sha256_file_cached(p) for p in (theta0, *models)], "float32")
-    basis_dir = out_dir / "grid" / f"{method}-{key[:12]}"
-    cache_dir = out_dir / "evaluations"
-    jobs = [
-        (str(zoo_dir), str(basis_dir), key, index, scaling, "validation", str(cache_dir))
-        for index, group in enumerate(groups)
-        for scaling in group["scalings"] or [None]
-    ]
-    basis_seconds = None  # no merge pass at all when every point's evaluation is cached
-    if not all(_point_cache(cache_dir, *job[2:6], evaluator.data_key).exists() for job in jobs):
-        start = time.perf_counter()
-        built = build_grid_basis(method, theta0, models, points, basis_dir, device=device)
-        basis_seconds = time.perf_counter() - start
-        if built["key"] != key:
-            raise MergeflowError(f"{method}: the grid basis was built from inputs that changed meanwhile")
-    evaluated = (map_points or _serial)(evaluate_grid_point, jobs)
+    scored, basis_seconds = score_grid_points(
+        zoo_dir, method, grid_points(base, grid), out_dir, "validation", device, map_points
+    )
     tried = []
-    for job, results in zip(jobs, evaluated, strict=True):
-        group = groups[job[3]]
-        values = {**group["params"], **({} if job[4] is None else {"scaling": job[4]})}
-        params = params_record(parse_params(method, values))
+    for values, results in scored:
         val = task_scores(results)
-        tried.append({"params": params, "validation": val, "score": score(val)})
+        tried.append({"params": params_record(parse_params(method, values)), "validation": val, "score": score(val)})
     best = max(tried, key=lambda r: r["score"])
     best_tag = hashlib.sha256(json.dumps(best["params"], sort_keys=True).encode()).hexdigest()[:12]
     name = f"{method}-{best_tag}" + ("" if spec.per_task_outputs else ".safetensors")
     target = out_dir / "merged" / name
     merged = merge_checkpoints(method, theta0, models, target, best["params"], device=device)  # exact, not A + λ·D
     test = task_scores([evaluator(p, "test") for p in merged.outputs])
-    remove_basis(basis_dir)
     log.info("%s: %d grid points (merge pass: %s s), chose %s", method, len(tried),
              "cached" if basis_seconds is None else f"{basis_seconds:.1f}", best["params"])  # fmt: skip
     row = {"method": method, "params": best["params"], "validation": best["validation"], "test": test,
