@@ -141,6 +141,21 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_check(args: argparse.Namespace) -> int:
+    from mergeflow.clip.zoo import ClipZooConfig, check_data
+    from mergeflow.config import load_config
+
+    cfg = load_config(args.params, preset=args.preset).zoo
+    if cfg.name != "clip":
+        raise MergeflowError(f"zoo {cfg.name!r} builds its data from packages; check applies to the clip zoo")
+    rows = check_data(ClipZooConfig(**cfg.settings()))
+    sys.stdout.write("| task | source | train | validation | test | problem |\n|---|---|---|---|---|---|\n")
+    for r in rows:
+        sizes = " | ".join("-" if r[k] is None else str(r[k]) for k in ("train", "validation", "test"))
+        sys.stdout.write(f"| {r['task']} | {r['kind']}: {r['where']} | {sizes} | {r['problem']} |\n")
+    return 2 if any(r["problem"] for r in rows) else 0
+
+
 def _cmd_zoo_evaluate(args: argparse.Namespace) -> int:
     from mergeflow.config import load_config
     from mergeflow.zoo.build import evaluate_checkpoint
@@ -278,13 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("name", nargs="?")
     presets.set_defaults(func=_cmd_presets)
 
-    zoo = sub.add_parser("zoo", help="the text-minilm zoo: real MiniLM fine-tuned on Debian text tasks")
+    zoo = sub.add_parser("zoo", help="model zoos: text-minilm, vision-tiny, clip (zoo.name in params.yaml)")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zoo_sub.add_parser("build", help="build (or resume) the zoo: data, heads, fine-tunes")
     build.add_argument("--params", default="params.yaml", metavar="FILE")
     build.add_argument("--preset", metavar="NAME", help="a run preset (presets/NAME.yaml overlay)")
     build.add_argument("--dir", metavar="DIR", help="default: zoo.dir in params.yaml")
     build.set_defaults(func=_cmd_zoo_build)
+    check = zoo_sub.add_parser("check", help="clip zoo: is every task's dataset where it should be? (split sizes)")
+    check.add_argument("--params", default="params.yaml", metavar="FILE")
+    check.add_argument("--preset", metavar="NAME", help="a run preset (e.g. clip-vit-b32-8tasks)")
+    check.set_defaults(func=_cmd_zoo_check)
     ev = zoo_sub.add_parser("evaluate", help="accuracy of a checkpoint on every zoo task")
     ev.add_argument("checkpoint", metavar="PATH")
     ev.add_argument("--split", default="test", choices=("train", "validation", "test"))

@@ -13,6 +13,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from mergeflow.adamerging import AdaMergingParams
 from mergeflow.analysis.vision import VisionAnalysisConfig
+from mergeflow.clip.zoo import ClipZooConfig
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MethodParams, parse_params
 from mergeflow.presets import get_preset
@@ -51,14 +52,15 @@ class ZooSection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: Literal["text-minilm", "vision-tiny"] = "text-minilm"
+    name: Literal["text-minilm", "vision-tiny", "clip"] = "text-minilm"
     dir: str = "out/zoo/text-minilm"
     text_minilm: TextZooConfig = TextZooConfig()
     vision_tiny: VisionZooConfig = VisionZooConfig()
+    clip: ClipZooConfig = ClipZooConfig()
 
     def settings(self) -> dict[str, Any]:
         """The active zoo's build settings, as JSON."""
-        chosen = self.text_minilm if self.name == "text-minilm" else self.vision_tiny
+        chosen = {"text-minilm": self.text_minilm, "vision-tiny": self.vision_tiny, "clip": self.clip}[self.name]
         return chosen.model_dump(mode="json")
 
 

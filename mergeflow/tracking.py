@@ -60,6 +60,9 @@ def lineage_tags(zoo: dict[str, Any]) -> dict[str, str]:
     for task, info in zoo["tasks"].items():
         tags[f"finetuned.{task}.sha256"] = sha256_file_cached(info["model"])
         tags[f"data.{task}.sha256"] = info["data_sha256"]
+        tags[f"head.{task}.sha256"] = sha256_file_cached(info["head"])
+    if "text" in zoo:  # clip zoos: the text tower the zero-shot heads were built from
+        tags["text_tower.sha256"] = zoo["text"]["sha256"]
     tags.update(_dvc_lock_hashes())
     return tags
 

@@ -23,9 +23,9 @@ from mergeflow.zoo.text_model import MINILM_SHA256
 from tasks.caching import code_version, content_key
 
 ZOO_CODE = ("zoo/build.py", "zoo/text_data.py", "zoo/text_model.py", "zoo/vision_data.py", "zoo/vision_model.py",
-            "zoo/vision_zoo.py", "writer.py", "checkpoint.py")  # fmt: skip
+            "zoo/vision_zoo.py", "clip", "store.py", "writer.py", "checkpoint.py")  # fmt: skip
 EVAL_CODE = ("zoo/report.py", "zoo/build.py", "zoo/evaluator.py", "zoo/text_model.py", "zoo/vision_zoo.py",
-             "zoo/vision_model.py", "checkpoint.py")  # fmt: skip
+             "zoo/vision_model.py", "clip", "checkpoint.py")  # fmt: skip
 ADAPT_CODE = (*EVAL_CODE, "adamerging.py", "zoo/adapt.py", "linalg.py", "selectors.py", "writer.py")
 MERGE_CODE = (*EVAL_CODE, "engine.py", "grid.py", "methods", "linalg.py", "selectors.py", "writer.py")
 
@@ -37,7 +37,7 @@ def zoo_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
         name=name,
         directory=parameters["directory"],
         config=config,
-        theta0=MINILM_SHA256 if name == "text-minilm" else "trained-here",
+        theta0={"text-minilm": MINILM_SHA256, "clip": "acquired: sha256 pinned by the store"}.get(name, "trained here"),
         data=zoo_sources(name, config),
         code=code_version(*ZOO_CODE),
     )
@@ -55,7 +55,7 @@ def zoo_content(zoo: dict[str, Any]) -> dict[str, str]:
 
 
 def zoo_dir(zoo: dict[str, Any]) -> Path:
-    return Path(zoo["theta0"]["file"]).parents[1]
+    return Path(zoo["dir"]) if "dir" in zoo else Path(zoo["theta0"]["file"]).parents[1]
 
 
 def baselines_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:

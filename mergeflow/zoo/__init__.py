@@ -3,11 +3,15 @@
 from pathlib import Path
 from typing import Any
 
-ZOOS = ("text-minilm", "vision-tiny")
+ZOOS = ("text-minilm", "vision-tiny", "clip")
 
 
 def build_zoo(name: str, directory: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Build (or resume) the zoo ``name`` in ``directory`` with its settings from params.yaml."""
+    if name == "clip":
+        from mergeflow.clip.zoo import ClipZooConfig, build_clip_zoo
+
+        return build_clip_zoo(directory, ClipZooConfig(**settings))
     if name == "vision-tiny":
         from mergeflow.zoo.vision_zoo import VisionZooConfig, build_vision_zoo
 
@@ -18,7 +22,12 @@ def build_zoo(name: str, directory: str | Path, settings: dict[str, Any]) -> dic
 
 
 def zoo_sources(name: str, settings: dict[str, Any]) -> dict[str, str]:
-    """sha256 of every packaged file the zoo's data is read from (part of its cache key)."""
+    """sha256 of every packaged file the zoo's data is read from (part of its cache key); for ``clip``
+    the content digest of each task's train and test data (file hashes cached by stat)."""
+    if name == "clip":
+        from mergeflow.clip.zoo import ClipZooConfig, data_digests
+
+        return data_digests(ClipZooConfig(**settings))
     if name == "vision-tiny":
         from mergeflow.hashing import sha256_files_cached
         from mergeflow.zoo.vision_data import source_files

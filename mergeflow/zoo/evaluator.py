@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,49 @@ from mergeflow.zoo.text_model import _weights, load_text_encoder
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # tokenised inputs, labels
 
 
-class ZooEvaluator:
+def top1_and_loss(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Top-1 accuracy, mean cross-entropy and count over (logits, labels) batches."""
+    correct, loss, n = 0, 0.0, 0
+    for logits, labels in scored:
+        labels = labels.to(logits.device)
+        loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        n += len(labels)
+    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+
+
+class StateEvaluator:
+    """What every zoo evaluator shares: put a state dict in, score every task's split without gradients."""
+
+    tasks: list[str]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def load(self, state: Mapping[str, torch.Tensor], tag: str | None = None) -> None:
+        raise NotImplementedError
+
+    def scored(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, labels) per batch of ``task``'s ``split`` with the weights loaded now."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        state: Mapping[str, torch.Tensor] | None,
+        split: str,
+        tasks: list[str] | None = None,
+        tag: str | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Accuracy, loss and count per task of ``state`` (None: the weights already loaded)."""
+        if state is not None:
+            self.load(state, tag)
+        self.module.eval()
+        return {task: top1_and_loss(self.scored(task, split)) for task in tasks or self.tasks}
+
+
+class ZooEvaluator(StateEvaluator):
     """Evaluates state dicts of θ0's architecture on every task of a text zoo."""
 
     def __init__(self, zoo_dir: str | Path, batch_size: int = 64):
@@ -101,36 +143,21 @@ class ZooEvaluator:
         self.heads = {t: h.to(device) for t, h in self.heads.items()}
         return self
 
-    @torch.inference_mode()
-    def evaluate(
-        self,
-        state: Mapping[str, torch.Tensor] | None,
-        split: str,
-        tasks: list[str] | None = None,
-        tag: str | None = None,
-    ) -> dict[str, dict[str, float]]:
-        """Accuracy, loss and count per task of ``state`` (None: the weights already loaded)."""
-        if state is not None:
-            self.load(state, tag)
-        self.encoder.model.eval()
-        results = {}
-        for task in tasks or self.tasks:
-            correct, loss, n = 0, 0.0, 0
-            for inputs, labels in self.batches(task, split):
-                logits = self.embed(inputs) @ self.heads[task].T
-                loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-                n += len(labels)
-            results[task] = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
-        return results
+    def scored(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for inputs, labels in self.batches(task, split):
+            yield self.embed(inputs) @ self.heads[task].T, labels
 
 
 _local = threading.local()
 
 
 def make_evaluator(zoo_dir: str | Path) -> Any:
-    """The evaluator of a zoo's kind: text (MiniLM) or vision (tiny open_clip tower)."""
+    """The evaluator of a zoo's kind: text (MiniLM), vision (tiny open_clip tower) or clip (zero-shot heads)."""
     zoo = json.loads((Path(zoo_dir) / "zoo.json").read_text())
+    if zoo.get("kind") == "clip":
+        from mergeflow.clip.zoo import ClipEvaluator
+
+        return ClipEvaluator(zoo_dir)
     if zoo.get("kind") == "vision":
         from mergeflow.zoo.vision_zoo import VisionEvaluator
 

@@ -41,7 +41,8 @@ class _Evaluator:
         self.zoo_dir, self.cache_dir = zoo_dir, cache_dir
         zoo = json.loads((zoo_dir / "zoo.json").read_text())
         self.tasks = list(zoo["tasks"])
-        self.data_key = hashlib.sha256("".join(t["data_sha256"] for t in zoo["tasks"].values()).encode()).hexdigest()
+        parts = [t["data_sha256"] + sha256_file_cached(t["head"]) for t in zoo["tasks"].values()]  # data and heads
+        self.data_key = hashlib.sha256("".join(parts).encode()).hexdigest()
 
     def __call__(self, checkpoint: Path, split: str) -> dict[str, dict[str, float]]:
         key = hashlib.sha256(f"{sha256_file(checkpoint)}:{split}:{self.data_key}:{EVAL_VERSION}".encode()).hexdigest()

@@ -21,18 +21,18 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
 from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
+from mergeflow.zoo.evaluator import StateEvaluator
 from mergeflow.zoo.vision_data import DATASETS, split_indices, to_inputs
 from mergeflow.zoo.vision_model import fit_linear_probe, make_classifier, predict, train
 
@@ -142,7 +142,7 @@ def build_vision_zoo(directory: str | Path, cfg: VisionZooConfig | None = None) 
     return zoo
 
 
-class VisionEvaluator:
+class VisionEvaluator(StateEvaluator):
     """Evaluates tower state dicts on every task of a vision zoo, with the frozen probe heads."""
 
     def __init__(self, zoo_dir: str | Path, batch_size: int = 512):
@@ -188,22 +188,7 @@ class VisionEvaluator:
         self.heads = {t: {k: v.to(device) for k, v in h.items()} for t, h in self.heads.items()}
         return self
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        state: Mapping[str, torch.Tensor] | None,
-        split: str,
-        tasks: list[str] | None = None,
-        tag: str | None = None,
-    ) -> dict[str, dict[str, float]]:
-        if state is not None:
-            self.load(state, tag)
-        self.model.eval()
-        results = {}
-        for task in tasks or self.tasks:
-            images, labels = self.data[task][f"{split}.images"], self.data[task][f"{split}.labels"]
-            logits = torch.cat([self.logits(task, images[i : i + self.batch_size])
-                                for i in range(0, len(images), self.batch_size)])  # fmt: skip
-            results[task] = {"accuracy": float((logits.argmax(-1) == labels).float().mean()),
-                             "loss": float(F.cross_entropy(logits, labels)), "n": len(labels)}  # fmt: skip
-        return results
+    def scored(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.data[task][f"{split}.images"], self.data[task][f"{split}.labels"]
+        for i in range(0, len(images), self.batch_size):
+            yield self.logits(task, images[i : i + self.batch_size]), labels[i : i + self.batch_size]
