@@ -48,6 +48,11 @@ class Images(Protocol):
     def digest(self) -> str: ...
 
 
+def _file_hashes(paths: list[Path], content: bool) -> dict[str, str]:
+    """sha256 per file (cached by stat), or only its size when ``content`` is False."""
+    return sha256_files_cached(paths) if content else {str(p): str(p.stat().st_size) for p in paths}
+
+
 def _open_rgb(source: str | Path | io.BytesIO, where: str) -> Image.Image:
     try:
         with Image.open(source) as image:
@@ -101,8 +106,7 @@ class ImageFolderImages:
 
     def digest(self) -> str:
         """sha256 over (relative path, label, file sha256) of every sample (file hashes cached by stat)."""
-        paths = [p for p, _ in self.samples]
-        hashes = sha256_files_cached(paths) if self.hash_content else {str(p): str(p.stat().st_size) for p in paths}
+        hashes = _file_hashes([p for p, _ in self.samples], self.hash_content)
         h = hashlib.sha256()
         for path, label in self.samples:
             h.update(f"{path.relative_to(self.root)}\t{label}\t{hashes[str(path)]}\n".encode())
@@ -130,6 +134,7 @@ class TorchvisionImages:
                 "on a machine with internet, or point the task at an ImageFolder copy"
             ) from None
         self.hash_content = hash_content
+        self._labels: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -139,6 +144,12 @@ class TorchvisionImages:
         return image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(image).convert("RGB")
 
     def labels(self) -> list[int]:
+        """Labels in sample order, read once (the manifest check and the digest both need them)."""
+        if self._labels is None:
+            self._labels = self._read_labels()
+        return self._labels
+
+    def _read_labels(self) -> list[int]:
         for attr in _LABEL_ATTRS:
             values = getattr(self.dataset, attr, None)
             if values is not None and len(values) == len(self):
@@ -165,7 +176,7 @@ class TorchvisionImages:
 
     def digest(self) -> str:
         files = self._files()
-        hashes = sha256_files_cached(files) if self.hash_content else {str(p): str(p.stat().st_size) for p in files}
+        hashes = _file_hashes(files, self.hash_content)
         h = hashlib.sha256(json.dumps({"dataset": self.name, "kwargs": self.kwargs, "n": len(self)}).encode())
         for path in files:
             h.update(f"{path.relative_to(self.root)}\t{hashes[str(path)]}\n".encode())

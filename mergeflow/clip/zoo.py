@@ -106,19 +106,25 @@ def _subsample(indices: list[int], limit: int | None, seed: int) -> list[int]:
     return [indices[i] for i in sorted(chosen.tolist())]
 
 
+def _task_data(cfg: ClipZooConfig, task: str) -> tuple[Images, Images, list[int], list[int], list[int]]:
+    """(train, test, train labels, test labels, validation indices) of a task, labels checked."""
+    classes = len(task_spec(task).classes)
+    train, test = _open(cfg, task, "train"), _open(cfg, task, "test")
+    train_labels = checked_labels(train, classes, f"{task} train")
+    test_labels = checked_labels(test, classes, f"{task} test")
+    _, val = validation_split(len(train), cfg.seed, cfg.validation_fraction, cfg.validation_cap)
+    return train, test, train_labels, test_labels, val
+
+
 def data_manifest(cfg: ClipZooConfig, task: str) -> dict[str, Any]:
     """Which examples form the task's validation and test splits, with labels and the data's digest."""
-    spec = task_spec(task)
-    train, test = _open(cfg, task, "train"), _open(cfg, task, "test")
-    train_labels = checked_labels(train, len(spec.classes), f"{task} train")
-    test_labels = checked_labels(test, len(spec.classes), f"{task} test")
-    _, val = validation_split(len(train), cfg.seed, cfg.validation_fraction, cfg.validation_cap)
+    train, test, train_labels, test_labels, val = _task_data(cfg, task)
     val = _subsample(val, cfg.max_validation, cfg.seed + 1)
     tst = _subsample(list(range(len(test))), cfg.max_test, cfg.seed + 2)
     return {
         "task": task,
         "loader": cfg.loader(task),
-        "classes": len(spec.classes),
+        "classes": len(task_spec(task).classes),
         "digest": {"train": train.digest(), "test": test.digest()},
         "sizes": {"train": len(train), "test": len(test)},
         "protocol": {"validation_fraction": cfg.validation_fraction, "validation_cap": cfg.validation_cap,
@@ -151,12 +157,8 @@ def check_data(cfg: ClipZooConfig) -> list[dict[str, Any]]:
         )
         row: dict[str, Any] = {"task": task, "kind": loader.get("kind"), "where": where}
         try:
-            spec = task_spec(task)
-            train, test = _open(cfg, task, "train"), _open(cfg, task, "test")
-            checked_labels(train, len(spec.classes), f"{task} train")
-            checked_labels(test, len(spec.classes), f"{task} test")
-            train_idx, val_idx = validation_split(len(train), cfg.seed, cfg.validation_fraction, cfg.validation_cap)
-            row |= {"train": len(train_idx), "validation": len(val_idx), "test": len(test), "problem": ""}
+            train, test, _, _, val = _task_data(cfg, task)
+            row |= {"train": len(train) - len(val), "validation": len(val), "test": len(test), "problem": ""}
         except MergeflowError as exc:
             row |= {"train": None, "validation": None, "test": None, "problem": str(exc)}
         rows.append(row)
