@@ -22,10 +22,11 @@ from prefect import flow, task
 from prefect.context import TaskRunContext
 
 from mergeflow.analysis import figures
+from mergeflow.codeid import code_identity
 from mergeflow.config import RunConfig, load_config
 from mergeflow.tracking import log_analysis, tracking_uri
 from mergeflow.writer import write_text_atomic
-from tasks.caching import code_version, content_key
+from tasks.caching import content_key
 from tasks.pipeline_tasks import build_zoo, zoo_content
 
 ABOUT = {
@@ -75,6 +76,7 @@ def task_vectors(
     paper presets: θ0 and the fine-tunes as acquired, e.g. CLIP ViT-B/32 with 8 task checkpoints)."""
     from mergeflow.analysis.task_vectors import analyze_task_vectors, write_task_vector_report
     from mergeflow.hashing import sha256_file_cached
+    from mergeflow.manifest import read_manifest
 
     cfg = load_config(params_file, preset=preset)
     if manifest is None:
@@ -82,10 +84,10 @@ def task_vectors(
         theta0, models = zoo["theta0"]["file"], [info["model"] for info in zoo["tasks"].values()]
         title, content = zoo.get("name", "zoo"), zoo_content(zoo)
     else:
-        described = json.loads(Path(manifest).read_text())
-        theta0, models = described["pretrained"], list(described["finetuned"])
+        described = read_manifest(manifest)
+        theta0, models = described.pretrained, described.finetuned
         title, content = Path(manifest).stem, {p: sha256_file_cached(p) for p in (theta0, *models)}
-    inputs = {"checkpoints": content, "code": code_version("analysis", "engine.py")}
+    inputs = {"checkpoints": content, "code": code_identity(analyze_task_vectors.__module__)}
     result = compute.with_options(name="analysis:task-vectors")(
         "task-vectors", inputs, lambda: analyze_task_vectors(theta0, models)
     )
@@ -105,7 +107,7 @@ def rank_curve(params_file: str = "params.yaml", preset: str | None = None, trac
     settings = cfg.analysis.rank_curve
     out = Path(cfg.zoo.dir) / "report"
     inputs = {"zoo": zoo_content(zoo), "settings": settings.model_dump(mode="json"),
-              "code": code_version("analysis", "grid.py", "methods", "linalg.py", "zoo")}  # fmt: skip
+              "code": code_identity(cart_rank_curve.__module__)}  # fmt: skip
     result = compute.with_options(name="analysis:rank-curve")(
         "rank-curve", inputs,
         lambda: cart_rank_curve(cfg.zoo.dir, settings.rank_ratios, settings.scalings, out, cfg.device),
@@ -124,7 +126,7 @@ def _vision_inputs(cfg: RunConfig) -> dict[str, Any]:
     vision = cfg.analysis.vision
     names = {"fashion_mnist", vision.task, *vision.template_datasets}
     return {"settings": vision.model_dump(mode="json"), "data": {n: DATASETS[n]().digest() for n in sorted(names)},
-            "code": code_version("analysis", "zoo/vision_data.py", "zoo/vision_model.py", "writer.py")}  # fmt: skip
+            "code": code_identity("mergeflow.analysis.vision")}  # fmt: skip
 
 
 @flow(name="weight-templates")

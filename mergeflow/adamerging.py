@@ -31,7 +31,7 @@ log = logging.getLogger("mergeflow.adamerging")
 class AdaMergingParams(BaseModel):
     """Settings of one test-time adaptation (``adaptation:`` entries in params.yaml)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     over: Literal["task_arithmetic", "cart"] = Field("task_arithmetic", description="vectors the coefficients weigh")
     steps: int = Field(500, ge=0, description="Adam steps")

@@ -50,8 +50,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.manifest:
         if pretrained or finetuned:
             raise MergeflowError("give either --manifest or --pretrained/--finetuned, not both")
-        manifest = json.loads(Path(args.manifest).read_text())
-        pretrained, finetuned = manifest["pretrained"], manifest["finetuned"]
+        from mergeflow.manifest import read_manifest
+
+        manifest = read_manifest(args.manifest)
+        pretrained, finetuned = manifest.pretrained, manifest.finetuned
     elif not (pretrained and finetuned):
         raise MergeflowError("--pretrained and --finetuned (or --manifest) are required")
     result = merge_checkpoints(
@@ -366,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except MergeflowError as exc:
         sys.stderr.write(f"mergeflow: error: {exc}\n")
+        return 2
+    except OSError as exc:  # anything the library did not already turn into one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"mergeflow: error: {where}{exc.strerror or exc}\n")
         return 2
 
 

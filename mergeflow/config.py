@@ -23,7 +23,7 @@ from mergeflow.zoo.vision_zoo import VisionZooConfig
 
 
 class DemoConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model: Literal["vit-tiny", "vit-b-32", "bert-tiny"] = "vit-tiny"
     tasks: int = Field(4, ge=1, le=64)
@@ -33,7 +33,7 @@ class DemoConfig(BaseModel):
 class AcquireConfig(BaseModel):
     """Checkpoints to fetch: a preset (pretrained + fine-tunes) and/or extra sources."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     store: str = "data/store"
     preset: str | None = None
@@ -50,7 +50,7 @@ class AcquireConfig(BaseModel):
 class ZooSection(BaseModel):
     """``zoo:`` in params.yaml: which zoo the pipeline uses, where it is built, and how."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: Literal["text-minilm", "vision-tiny", "clip"] = "text-minilm"
     dir: str = "out/zoo/text-minilm"
@@ -67,7 +67,7 @@ class ZooSection(BaseModel):
 class SelectionConfig(BaseModel):
     """``selection:``: parameter grids searched on validation; the best point is tested once."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     criterion: Literal["normalized", "absolute"] = "normalized"
     grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
@@ -80,20 +80,23 @@ class SelectionConfig(BaseModel):
                 if not values:
                     raise ValueError(f"{method}.{name}: empty grid")
                 for v in values:  # each value must be valid for the method on its own
-                    parse_params(method, {name: v})
+                    try:
+                        parse_params(method, {name: v})
+                    except ConfigError as exc:
+                        raise ValueError(str(exc)) from None
         return value
 
 
 class TrackingConfig(BaseModel):
     """``tracking:``: where MLflow runs go (``MLFLOW_TRACKING_URI`` in the environment wins)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     uri: str = "sqlite:///out/mlflow.db"
 
 
 class RankCurveConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     rank_ratios: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0)
     scalings: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -102,7 +105,7 @@ class RankCurveConfig(BaseModel):
 class AnalysisConfig(BaseModel):
     """``analysis:``: where `mergeflow analyze` writes, and the settings of each analysis."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     dir: str = "out/analysis"
     rank_curve: RankCurveConfig = RankCurveConfig()
@@ -110,7 +113,7 @@ class AnalysisConfig(BaseModel):
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "float64"] = "float32"
@@ -129,14 +132,17 @@ class RunConfig(BaseModel):
     def _distinct_names(self) -> RunConfig:
         clash = set(self.adaptation) & set(self.methods)
         if clash:
-            raise ConfigError(f"adaptation names {sorted(clash)} are also merge methods: rename them")
+            raise ValueError(f"adaptation names {sorted(clash)} are also merge methods: rename them")
         return self
 
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name, params in value.items():
-            parse_params(name, params or {})  # raises ConfigError with the precise problem
+            try:
+                parse_params(name, params or {})
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     def method_params(self) -> dict[str, MethodParams]:
@@ -167,13 +173,52 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return result
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (plain YAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``line L, column C: what`` for a YAML error (the first line of its text when it has no position)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file strictly: duplicate keys refused; every problem one ConfigError naming file and line."""
+    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw
@@ -203,15 +248,29 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, pr
     """
     path = Path(path)
     raw = _read_yaml(path)
+    where = str(path)
     if preset is not None:
         presets = run_presets(path)
         if preset not in presets:
             raise ConfigError(f"unknown run preset {preset!r}; known: {', '.join(presets) or 'none'}")
         raw = _deep_merge(raw, _read_yaml(presets[preset]))
+        where += f" with preset {presets[preset]}"
     if overrides:
         raw = apply_overrides(raw, overrides)
+        where += " and --set overrides"
     try:
         return RunConfig.model_validate(_tuples(raw))
     except PydanticValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        problems = "; ".join(_located(e) for e in exc.errors())
+        raise ConfigError(f"{where}: {problems}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _located(error: Any) -> str:
+    """``section.key: message`` for one pydantic error (the section is where in params.yaml it is)."""
+    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{loc}: {message}"

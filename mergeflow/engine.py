@@ -7,6 +7,12 @@ time (plus whatever a method's global pass needs, at most one model), never T wh
 
 Tasks are put in a canonical order (by sha256 of their files) before merging, so the output is
 bit-for-bit independent of the order in which the fine-tunes were listed.
+
+Nothing unsafe is committed: every merged tensor is checked finite after the cast to its output
+dtype (an overflow in float16/bfloat16 is refused with the key named), every input's file state
+(size, mtime, ctime, inode) is checked unchanged before the outputs are renamed into place, so the
+sha256 recorded is that of the bytes that were merged, and an output that is an input or not a
+regular file is refused before anything is opened.
 """
 
 from __future__ import annotations
@@ -25,19 +31,24 @@ import torch
 
 import mergeflow
 from mergeflow.checkpoint import CheckpointReader, TensorMeta, open_checkpoint, stored_fingerprint
+from mergeflow.codeid import code_identity
 from mergeflow.devices import resolve_device, resolve_precision
-from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
-from mergeflow.hashing import BackgroundHasher, quick_identity, sha256_file_cached
+from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, NumericalError
+from mergeflow.hashing import BackgroundHasher, file_state, quick_identity, sha256_file_cached
 from mergeflow.methods import MergeContext, Merger, MethodParams, get_method, params_record, parse_params
 from mergeflow.methods.registry import TensorSource
 from mergeflow.selectors import detect_layout
-from mergeflow.writer import SafetensorsWriter
+from mergeflow.writer import SafetensorsWriter, check_output
 
 log = logging.getLogger("mergeflow.engine")
 
 
 class Sink(Protocol):
-    """Where merged tensors go: a file writer, or anything with the same three calls."""
+    """Where merged tensors go: a file writer, or anything with the same three calls.
+
+    A sink with ``keeps_compute_dtype = True`` (grid bases) receives float results in the compute
+    dtype, before the cast to the checkpoint's dtype; other sinks receive the cast tensors.
+    """
 
     def write(self, key: str, tensor: torch.Tensor) -> None: ...
 
@@ -56,6 +67,7 @@ class CheckpointSet:
     layout: dict[str, TensorMeta]
     task_order: tuple[int, ...]
     hasher: BackgroundHasher
+    states: tuple[list[int], ...] = ()
 
     @property
     def canonical(self) -> list[CheckpointReader]:
@@ -68,6 +80,17 @@ class CheckpointSet:
     @property
     def finetuned_sha256(self) -> list[str]:
         return self.hasher.result()[1:]
+
+    def verify_unchanged(self) -> None:
+        """Refuse to go on if any input file changed since it was opened (its bytes may differ from
+        those read or hashed)."""
+        for reader, before in zip((self.pretrained, *self.finetuned), self.states, strict=False):
+            try:
+                now = file_state(reader.path)
+            except OSError as exc:
+                raise CheckpointError(f"{reader.path}: vanished while being merged ({exc.strerror})") from None
+            if now != before:
+                raise CheckpointError(f"{reader.path}: changed while being merged; nothing was written, run again")
 
     def close(self) -> None:
         self.hasher.close()
@@ -118,27 +141,29 @@ def check_compatible(pretrained: CheckpointReader, finetuned: Sequence[Checkpoin
 
 
 def open_checkpoint_set(
-    pretrained: str | Path, finetuned: Sequence[str | Path], trust_pickle: bool = False
+    pretrained: str | Path, finetuned: Sequence[str | Path], trust_pickle: bool = False, fresh_hashes: bool = False
 ) -> CheckpointSet:
     """Open and validate θ0 and the fine-tunes, and start hashing them in the background.
 
     Tasks get a canonical order that depends only on file contents: a quick identity (size,
     header, sampled blocks), with full sha256 hashes only to break ties between files it cannot
     tell apart, so that the merge result does not depend on the order the user gave.
+    ``fresh_hashes`` reads every file for its sha256 instead of trusting the stat-keyed cache.
     """
     if not finetuned:
         raise ConfigError("at least one fine-tuned checkpoint is needed")
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(pretrained, trust_pickle))
         tuned = [stack.enter_context(open_checkpoint(p, trust_pickle)) for p in finetuned]
+        states = tuple(file_state(r.path) for r in (base, *tuned))
         layout = check_compatible(base, tuned)
         quick = [quick_identity(r.path) for r in tuned]
         tied = {i for i in range(len(tuned)) if quick.count(quick[i]) > 1}
-        full = {i: sha256_file_cached(tuned[i].path) for i in tied}
+        full = {i: sha256_file_cached(tuned[i].path, fresh=fresh_hashes) for i in tied}
         order = tuple(sorted(range(len(tuned)), key=lambda i: (quick[i], full.get(i, ""), i)))
-        hasher = BackgroundHasher([base.path, *(r.path for r in tuned)])
+        hasher = BackgroundHasher([base.path, *(r.path for r in tuned)], fresh=fresh_hashes)
         stack.pop_all()
-    return CheckpointSet(base, tuned, layout, order, hasher)
+    return CheckpointSet(base, tuned, layout, order, hasher, states)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -202,13 +227,14 @@ class _Progress:
 
 
 def fingerprint(method: str, params: MethodParams, checkpoints: CheckpointSet, precision: str) -> str:
-    """Content identity of one merge result: method, parameters, input hashes, precision, version."""
+    """Content identity of one merge result: method, parameters, input hashes, precision, and the
+    identity of the code that merges (this module and everything it imports, version included)."""
     record = {
         "method": method,
         "params": params_record(params),
         "inputs": [checkpoints.pretrained_sha256, *checkpoints.finetuned_sha256],
         "precision": precision,
-        "version": mergeflow.__version__,
+        "code": code_identity("mergeflow.engine"),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -227,6 +253,7 @@ def output_metadata(
     return {
         "format": "pt",
         "mergeflow.version": mergeflow.__version__,
+        "mergeflow.code": code_identity("mergeflow.engine"),
         "mergeflow.method": method,
         "mergeflow.params": json.dumps(params_record(params), sort_keys=True),
         "mergeflow.inputs": json.dumps(checkpoints.inputs_record(placeholder)),
@@ -262,6 +289,18 @@ def stream_merge(
     mergers = [spec.merger(p, ctx) for p in params_grid]
     source = _Source(checkpoints, device, dtype)
     all_sinks = [s for group in sinks for s in group]
+
+    def put(sink: Sink, key: str, tensor: torch.Tensor, meta: TensorMeta) -> None:
+        out = tensor if getattr(sink, "keeps_compute_dtype", False) else tensor.to(meta.dtype)
+        if not all_finite(out):
+            bad = int((~torch.isfinite(out)).sum())
+            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+            raise NumericalError(
+                f"{method}: merged key {key!r} has {bad} non-finite value(s) in {out.dtype} (largest |value| before "
+                f"the cast {peak:.3g}); lower the scaling or merge into a wider dtype"
+            )
+        sink.write(key, out)
+
     try:
         for merger in mergers:
             merger.prepare(source)
@@ -283,17 +322,26 @@ def stream_merge(
                 base = base_raw.to(device=device, dtype=dtype)
                 tuned = [t.to(device=device, dtype=dtype) for t in tuned_raw]
                 del tuned_raw
-                if len(mergers) == 1:
-                    results: Iterable[torch.Tensor | list[torch.Tensor]] = [mergers[0].merge(key, base, tuned)]
-                else:  # produced lazily: one grid point's tensor in memory at a time
-                    results = mergers[0].merge_grid(key, base, tuned, mergers)
-                for group, result in zip(sinks, results, strict=True):
-                    if isinstance(result, list):  # per-task outputs, canonical order -> user order
-                        for position, tensor in enumerate(result):
-                            group[checkpoints.task_order[position]].write(key, tensor.to(meta.dtype))
-                    else:
-                        group[0].write(key, result.to(meta.dtype))
+                try:
+                    if len(mergers) == 1:
+                        results: Iterable[torch.Tensor | list[torch.Tensor]] = [mergers[0].merge(key, base, tuned)]
+                    else:  # produced lazily: one grid point's tensor in memory at a time
+                        results = mergers[0].merge_grid(key, base, tuned, mergers)
+                    for group, result in zip(sinks, results, strict=True):
+                        if isinstance(result, list):  # per-task outputs, canonical order -> user order
+                            for position, tensor in enumerate(result):
+                                put(group[checkpoints.task_order[position]], key, tensor, meta)
+                        else:
+                            put(group[0], key, result, meta)
+                except NumericalError as exc:
+                    if str(exc).startswith(f"{method}: merged key"):
+                        raise
+                    raise NumericalError(f"{method}: key {key!r}: {exc}") from None
+                except torch.linalg.LinAlgError as exc:
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise NumericalError(f"{method}: key {key!r}: linear algebra failed ({first})") from None
             progress.step(done)
+        checkpoints.verify_unchanged()
         for sink in all_sinks:
             sink.commit()
     except BaseException:
@@ -333,20 +381,25 @@ def merge_checkpoints(
 
     ``output`` is a file, or a directory for per-task methods (one file per fine-tune). When the
     outputs already exist with the same fingerprint (same method, parameters, input contents,
-    precision and mergeflow version), nothing is recomputed unless ``force``.
+    precision and code identity), nothing is recomputed unless ``force``; ``force`` also reads
+    every input afresh for its sha256 instead of trusting the hash cache.
+    Outputs that are inputs, or exist and are not regular files, are refused before any file is opened.
     """
     spec = get_method(method)
     parsed = parse_params(method, params)
     torch_device, dtype = resolve_device(device), resolve_precision(precision)
     output = Path(output)
+    paths = task_output_paths(output, finetuned) if spec.per_task_outputs else [output]
+    inputs = [Path(pretrained), *(Path(p) for p in finetuned)]
+    if spec.per_task_outputs:
+        check_output(output, inputs, directory=True)
+    for path in paths:
+        check_output(path, inputs)
     start = time.perf_counter()
-    checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle)
+    checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle, fresh_hashes=force)
     try:
         ctx = MergeContext(len(finetuned), checkpoints.layout, torch_device, dtype, checkpoints.task_order)
         probe = spec.merger(parsed, ctx)
-        paths = task_output_paths(output, finetuned) if spec.per_task_outputs else [output]
-        if output.is_dir() and not spec.per_task_outputs:
-            raise ConfigError(f"{output}: is a directory; {method} writes one file")
         existing = [stored_fingerprint(p) for p in paths]
         if not force and all(existing):  # only then are the hashes needed before merging
             if set(existing) == {fingerprint(method, parsed, checkpoints, precision)}:
@@ -380,9 +433,9 @@ def merge_checkpoints(
             torch_device.type, precision,
         )  # fmt: skip
         stream_merge(checkpoints, method, [parsed], [writers], device=torch_device, dtype=dtype)
-        inputs = checkpoints.inputs_record()
+        record = checkpoints.inputs_record()
     finally:
         checkpoints.close()
     seconds = time.perf_counter() - start
     log.info("%s: wrote %s in %.1f s", method, output, seconds)
-    return MergeResult(method, params_record(parsed), paths, seconds, False, inputs)
+    return MergeResult(method, params_record(parsed), paths, seconds, False, record)

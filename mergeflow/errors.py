@@ -17,3 +17,11 @@ class IncompatibleCheckpointsError(MergeflowError):
 
 class ConfigError(MergeflowError):
     """An unknown method, parameter or invalid parameter value."""
+
+
+class OutputError(MergeflowError):
+    """An output cannot be written safely (it is an input, not a regular file, or the OS refused)."""
+
+
+class NumericalError(MergeflowError):
+    """A numerical step failed on every solver tried, or produced non-finite values."""

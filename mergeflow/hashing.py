@@ -1,9 +1,12 @@
 """Content hashes of files, streamed in chunks, with a stat-keyed cache.
 
 A file's sha256 is remembered in ``$MERGEFLOW_CACHE_DIR/sha256.json`` (default
-``~/.cache/mergeflow``) under its real path together with its device, inode, size and mtime in
-nanoseconds; any change to those makes the entry stale and the file is hashed again (the rule DVC
-and git use). File timestamps can be as coarse as a kernel tick, so a file modified within the
+``~/.cache/mergeflow``) under its real path together with its device, inode, size, and the mtime
+and change time (ctime) in nanoseconds; any change to those makes the entry stale and the file is
+hashed again. The ctime is what makes the rule safe (git keeps it for the same reason): ``touch``
+or ``os.utime`` can put an mtime back after an in-place edit, but every write or ``utime`` call
+sets the ctime to the current time, and no unprivileged call can set it back.
+File timestamps can be as coarse as a kernel tick, so a file modified within the
 same tick as its hashing could keep its stat: like git's "racy" rule, files younger than
 ``RACY_SECONDS`` are never remembered. ``MERGEFLOW_HASH_CACHE=0`` turns the cache off.
 """
@@ -65,13 +68,23 @@ def _cache_file() -> Path | None:
     return Path(root) / "sha256.json"
 
 
-def _stat_key(path: str | Path) -> tuple[str, list[int]]:
+def file_state(path: str | Path) -> list[int]:
+    """What identifies a file's current bytes without reading them: device, inode, size, mtime, ctime."""
     st = os.stat(path)
-    return os.path.realpath(path), [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _stat_key(path: str | Path) -> tuple[str, list[int]]:
+    return os.path.realpath(path), file_state(path)
 
 
 _cache_lock = threading.Lock()
 RACY_SECONDS = 2.0
+
+
+def _now_ns() -> int:
+    """The wall clock the racy rule compares file timestamps with."""
+    return time.time_ns()
 
 
 def _load_entries(cache: Path) -> dict[str, Any]:
@@ -97,8 +110,8 @@ def cached_sha256(path: str | Path) -> str | None:
 
 
 def _trustworthy(path: str | Path, stat: list[int]) -> bool:
-    """Unchanged since ``stat`` was taken, and not modified too recently to trust its mtime."""
-    return _stat_key(path)[1] == stat and time.time_ns() - stat[3] >= RACY_SECONDS * 1e9
+    """Unchanged since ``stat`` was taken, and not modified too recently to trust its timestamps."""
+    return _stat_key(path)[1] == stat and _now_ns() - max(stat[3], stat[4]) >= RACY_SECONDS * 1e9
 
 
 def _store(new: dict[str, Any]) -> None:
@@ -124,9 +137,9 @@ def remember_sha256(path: str | Path, digest: str, stat: list[int]) -> None:
         _store({_stat_key(path)[0]: {"stat": stat, "sha256": digest}})
 
 
-def sha256_file_cached(path: str | Path, cancel: threading.Event | None = None) -> str:
-    """sha256 of a file, from the stat-keyed cache when the file is unchanged."""
-    hit = cached_sha256(path)
+def sha256_file_cached(path: str | Path, cancel: threading.Event | None = None, fresh: bool = False) -> str:
+    """sha256 of a file, from the stat-keyed cache when the file is unchanged (``fresh``: always read it)."""
+    hit = None if fresh else cached_sha256(path)
     if hit is not None:
         return hit
     _, stat = _stat_key(path)
@@ -153,12 +166,15 @@ def sha256_files_cached(paths: Sequence[str | Path]) -> dict[str, str]:
 
 
 class BackgroundHasher:
-    """Full sha256 of several files computed in one background thread (cached hashes are instant)."""
+    """Full sha256 of several files computed in one background thread (cached hashes are instant;
+    ``fresh`` reads every file again)."""
 
-    def __init__(self, paths: Sequence[str | Path]):
+    def __init__(self, paths: Sequence[str | Path], fresh: bool = False):
         self._cancel = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self._futures: list[Future[str]] = [self._pool.submit(sha256_file_cached, p, self._cancel) for p in paths]
+        self._futures: list[Future[str]] = [
+            self._pool.submit(sha256_file_cached, p, self._cancel, fresh) for p in paths
+        ]
 
     def result(self) -> list[str]:
         """Every hash, waiting for the ones still running."""
@@ -168,17 +184,3 @@ class BackgroundHasher:
         """Stop work that is no longer needed; idempotent."""
         self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def code_version(*modules: str) -> str:
-    """sha256 of mergeflow's version and the library sources named (paths under ``mergeflow/``,
-    files or folders): part of every cache key whose result that code computes."""
-    import mergeflow
-
-    library = Path(mergeflow.__file__).resolve().parent
-    digest = hashlib.sha256(mergeflow.__version__.encode())
-    for module in sorted(modules):
-        target = library / module
-        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()

@@ -46,7 +46,7 @@ FUSIONBENCH_HF = {
 
 
 class Preset(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     description: str

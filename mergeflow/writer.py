@@ -4,21 +4,35 @@ The layout of the output (every key's shape and dtype) is known before any tenso
 the header is written first and each tensor goes straight to its offset: memory holds one tensor
 at a time. Bytes go to a hidden ``.NAME.partial-PID`` file beside the target, which is fsynced and
 renamed over the target only when every key has been written; on any error it is removed. A
-killed process can leave only a ``.partial-`` file behind, never a target that looks complete.
+killed process can leave only a ``.partial-`` file behind, never a target that looks complete, and
+the next writer into the same place removes such leftovers once their process is gone.
+
+Before anything is opened for writing, :func:`check_output` refuses a target that is one of the
+inputs (by any spelling, symlink or hard link) or that exists but is not a regular file (a FIFO, a
+device, a directory, a symlink): those are never read and never replaced. Operating-system failures
+(no space, read-only filesystem, permission, a parent that is a file) become one
+:class:`~mergeflow.errors.OutputError` line naming the path and the cause; the previous target, if
+any, is untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
-from collections.abc import Callable, Mapping
+import re
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
 from mergeflow.checkpoint import DTYPE_TO_SAFETENSORS, TensorMeta
-from mergeflow.errors import CheckpointError
+from mergeflow.errors import CheckpointError, OutputError
+
+log = logging.getLogger("mergeflow.writer")
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -27,6 +41,110 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def partial_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.partial-{os.getpid()}")
+
+
+def os_failure(path: str | Path, exc: OSError) -> OutputError:
+    """One line for an operating-system failure while writing ``path``."""
+    cause = exc.strerror or errno.errorcode.get(exc.errno or 0) or type(exc).__name__
+    where = exc.filename if exc.filename and Path(str(exc.filename)).name != Path(path).name else path
+    if Path(str(where)).name.startswith(f".{Path(path).name}.partial-"):
+        where = path
+    return OutputError(f"{where}: cannot write ({cause})")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Delete ``.NAME.partial-PID`` files beside ``target`` whose writing process no longer exists."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.partial-(\d+)$")
+    removed = []
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        leftover = target.parent / name
+        try:
+            if stat.S_ISREG(os.lstat(leftover).st_mode):
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d partial file(s) left by killed writers of %s", len(removed), target)
+    return removed
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(target: str | Path, inputs: Iterable[str | Path] = (), directory: bool = False) -> Path:
+    """Refuse an output target that would destroy an input or is not something we may replace.
+
+    ``directory``: the target is a folder of outputs (it may exist as a directory). Nothing is
+    opened: only ``lstat``/``stat`` calls are made, so a FIFO or device is never read or written.
+    """
+    target = Path(target)
+    try:
+        st = os.lstat(target)
+    except (FileNotFoundError, NotADirectoryError):  # the latter: some parent is a file (reported below)
+        st = None
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot inspect the output ({exc.strerror})") from None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise OutputError(f"{target}: the output is a symbolic link; give the real path (links are never replaced)")
+        if directory and not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{target}: expected a directory of outputs, found {_kind(st.st_mode)}")
+        if not directory and not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{target}: the output exists and is {_kind(st.st_mode)}, not a regular file; refusing")
+    for source in inputs:
+        if _same_file(target, Path(source)):
+            raise OutputError(f"{target}: the output is the input {source}; refusing to overwrite an input")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{target}: cannot write: {parent} is not a directory")
+    return target
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISREG, "a file"),
+    )
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def make_parent(path: Path) -> None:
+    """Create ``path``'s parent folders, as an :class:`OutputError` line on failure."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_failure(path, exc) from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -90,12 +208,21 @@ class SafetensorsWriter:
         self._data_start = 8 + len(encoded)
         self._total = self._data_start + offset
         self._written: set[str] = set()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = partial_path(self.path)
-        self._handle = open(self._tmp, "wb")
-        self._handle.write(len(encoded).to_bytes(8, "little"))
-        self._handle.write(encoded)
         self._committed = False
+        check_output(self.path)
+        make_parent(self.path)
+        remove_stale_partials(self.path)
+        self._tmp = partial_path(self.path)
+        try:
+            self._handle = open(self._tmp, "wb")
+        except OSError as exc:
+            raise os_failure(self.path, exc) from None
+        try:
+            self._handle.write(len(encoded).to_bytes(8, "little"))
+            self._handle.write(encoded)
+        except OSError as exc:
+            self.abort()
+            raise os_failure(self.path, exc) from None
 
     def _encode(self, metadata: Mapping[str, str] | None) -> bytes:
         header = dict(self._header)
@@ -112,8 +239,12 @@ class SafetensorsWriter:
         if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
             raise ValueError(f"{key!r}: got {tuple(tensor.shape)} {tensor.dtype}, planned {meta.shape} {meta.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.seek(self._data_start + self._offsets[key])
-        self._handle.write(memoryview(data))
+        try:
+            self._handle.seek(self._data_start + self._offsets[key])
+            self._handle.write(memoryview(data))
+        except OSError as exc:
+            self.abort()
+            raise os_failure(self.path, exc) from None
         self._written.add(key)
 
     def commit(self) -> Path:
@@ -128,22 +259,35 @@ class SafetensorsWriter:
             if len(encoded) > room:
                 self.abort()
                 raise CheckpointError(f"{self.path}: final metadata needs {len(encoded)} header bytes, {room} reserved")
-            self._handle.seek(8)
-            self._handle.write(encoded + b" " * (room - len(encoded)))
-        self._handle.truncate(self._total)
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        os.replace(self._tmp, self.path)
+        try:
+            if self._final_metadata is not None:
+                self._handle.seek(8)
+                self._handle.write(encoded + b" " * (room - len(encoded)))
+            self._handle.truncate(self._total)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            check_output(self.path)  # nothing took the target's place meanwhile
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise os_failure(self.path, exc) from None
+        except BaseException:
+            self.abort()
+            raise
         fsync_dir(self.path.parent)
         self._committed = True
         return self.path
 
     def abort(self) -> None:
         """Discard everything written so far (idempotent)."""
-        if not self._handle.closed:
-            self._handle.close()
-        if not self._committed:
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not handle.closed:
+            try:
+                handle.close()
+            except OSError:  # a failed flush of a file we are discarding anyway
+                pass
+        if not self._committed and hasattr(self, "_tmp"):
             self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsWriter:
@@ -158,8 +302,9 @@ class SafetensorsWriter:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file atomically: a hidden partial file beside it, fsynced, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output(path)
+    make_parent(path)
+    remove_stale_partials(path)
     tmp = partial_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -167,6 +312,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise os_failure(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -8,9 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mergeflow.hashing import code_version
-
-__all__ = ["code_version", "content_key", "files_exist"]
+__all__ = ["content_key", "files_exist"]
 
 
 def content_key(**parts: Any) -> str:

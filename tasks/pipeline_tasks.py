@@ -12,6 +12,7 @@ from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mergeflow.adamerging import AdaMergingParams
+from mergeflow.codeid import code_identity
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.tracking import log_report
 from mergeflow.zoo import build_zoo as build_named_zoo
@@ -20,14 +21,12 @@ from mergeflow.zoo.adapt import adapt_zoo
 from mergeflow.zoo.build import zoo_files
 from mergeflow.zoo.report import assemble_report, evaluate_baselines, evaluate_grid_point, select_method
 from mergeflow.zoo.text_model import MINILM_SHA256
-from tasks.caching import code_version, content_key
+from tasks.caching import content_key
 
-ZOO_CODE = ("zoo/build.py", "zoo/text_data.py", "zoo/text_model.py", "zoo/vision_data.py", "zoo/vision_model.py",
-            "zoo/vision_zoo.py", "clip", "store.py", "writer.py", "checkpoint.py")  # fmt: skip
-EVAL_CODE = ("zoo/report.py", "zoo/build.py", "zoo/evaluator.py", "zoo/text_model.py", "zoo/vision_zoo.py",
-             "zoo/vision_model.py", "clip", "checkpoint.py")  # fmt: skip
-ADAPT_CODE = (*EVAL_CODE, "adamerging.py", "zoo/adapt.py", "linalg.py", "selectors.py", "writer.py")
-MERGE_CODE = (*EVAL_CODE, "engine.py", "grid.py", "methods", "linalg.py", "selectors.py", "writer.py")
+
+def code_of(function: Callable[..., Any]) -> str:
+    """The code identity of a library function: its module and everything that module imports."""
+    return code_identity(function.__module__)
 
 
 def zoo_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -39,7 +38,7 @@ def zoo_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
         config=config,
         theta0={"text-minilm": MINILM_SHA256, "clip": "acquired: sha256 pinned by the store"}.get(name, "trained here"),
         data=zoo_sources(name, config),
-        code=code_version(*ZOO_CODE),
+        code=code_of(build_named_zoo),
     )
 
 
@@ -60,7 +59,10 @@ def zoo_dir(zoo: dict[str, Any]) -> Path:
 
 def baselines_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     return content_key(
-        step="baselines", zoo=zoo_content(parameters["zoo"]), out=parameters["out_dir"], code=code_version(*EVAL_CODE)
+        step="baselines",
+        zoo=zoo_content(parameters["zoo"]),
+        out=parameters["out_dir"],
+        code=code_of(evaluate_baselines),
     )
 
 
@@ -74,7 +76,7 @@ def select_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     return content_key(
         step="select", zoo=zoo_content(parameters["zoo"]), method=parameters["method"], base=parameters["base"],
         grid=parameters["grid"], criterion=parameters["criterion"], out=parameters["out_dir"],
-        code=code_version(*MERGE_CODE),
+        code=code_of(select_method),
     )  # fmt: skip
 
 
@@ -118,7 +120,7 @@ def select(
 def adapt_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     return content_key(
         step="adapt", zoo=zoo_content(parameters["zoo"]), name=parameters["name"], params=parameters["params"],
-        out=parameters["out_dir"], code=code_version(*ADAPT_CODE),
+        out=parameters["out_dir"], code=code_of(adapt_zoo),
     )  # fmt: skip
 
 

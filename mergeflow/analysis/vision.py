@@ -29,6 +29,7 @@ from mergeflow.analysis.soups import (
     uniform_soup,
 )
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
+from mergeflow.codeid import code_identity
 from mergeflow.writer import save_state_dict
 from mergeflow.zoo.vision_data import DATASETS, ImageSet, fashion_mnist, split_indices, to_inputs
 from mergeflow.zoo.vision_model import accuracy, fit_linear_probe, make_classifier, predict, train
@@ -39,7 +40,7 @@ log = logging.getLogger("mergeflow.analysis")
 class VisionAnalysisConfig(BaseModel):
     """``analysis.vision`` in params.yaml."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     archs: tuple[str, ...] = ("vit-tiny", "cnn")
     pretrain_examples: int = Field(20000, ge=64)
@@ -58,6 +59,8 @@ class VisionAnalysisConfig(BaseModel):
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
+    """Identity of a built artefact: what it is built from, and the code that builds it."""
+    record = {**record, "code": code_identity(__name__)}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 

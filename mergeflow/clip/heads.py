@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
 from mergeflow.clip.tasks import TaskSpec, templates_hash
+from mergeflow.codeid import code_identity
 from mergeflow.errors import CheckpointError
 from mergeflow.writer import save_state_dict
 
@@ -41,9 +42,9 @@ def zeroshot_head(encode: TextEncoder, spec: TaskSpec, logit_scale: float) -> to
 
 
 def head_key(model: str, revision: str, spec: TaskSpec) -> str:
-    """Cache key of a head: what it is computed from, and nothing else."""
+    """Cache key of a head: what it is computed from (model, revision, task, templates) and the code computing it."""
     record = {"model": model, "revision": revision, "task": spec.name,
-              "templates": templates_hash(spec.classes, spec.templates)}  # fmt: skip
+              "templates": templates_hash(spec.classes, spec.templates), "code": code_identity(__name__)}  # fmt: skip
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 

@@ -25,7 +25,7 @@ TASK_SETS = {8: TASKS_8, 14: TASKS_14, 20: TASKS_20}
 class TaskSpec(BaseModel):
     """One zero-shot task: ``classes[i]`` names label ``i``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     classes: tuple[str | tuple[str, ...], ...]

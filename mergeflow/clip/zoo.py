@@ -46,7 +46,7 @@ class ClipZooConfig(BaseModel):
     """``zoo.clip`` in params.yaml. Checkpoints come from ``preset`` unless ``pretrained``/``finetuned``
     are given; the text tower (for the heads) from ``text`` (default: open_clip's ``openai`` weights)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     preset: str | None = "clip-vit-b32-8tasks"
     model: str | None = Field(None, description="open_clip architecture (default: the preset's)")

@@ -42,6 +42,11 @@ class Consensus(Merger):
 
     def __init__(self, params: ConsensusParams, ctx: MergeContext):
         super().__init__(params, ctx)
+        if params.min_tasks > ctx.num_tasks:
+            raise ConfigError(
+                f"consensus: min_tasks={params.min_tasks} with {ctx.num_tasks} fine-tune(s): no weight can be used by "
+                f"that many tasks, so the result would be θ0; use min_tasks <= {ctx.num_tasks}"
+            )
         lam = params.mask_lambda
         if isinstance(lam, tuple):
             if len(lam) != ctx.num_tasks:

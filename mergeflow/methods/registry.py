@@ -18,13 +18,13 @@ from pydantic import ValidationError as PydanticValidationError
 
 from mergeflow.checkpoint import TensorMeta
 from mergeflow.errors import ConfigError
-from mergeflow.selectors import MatrixSelector, make_selector
+from mergeflow.selectors import MatrixSelector, detect_layout, make_selector
 
 
 class MethodParams(BaseModel):
     """Base of every method's parameters: immutable, unknown fields rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     def selector(self) -> MatrixSelector | None:
         return None
@@ -41,7 +41,7 @@ class MatrixParams(MethodParams):
         "gram", description="'gram': Gram eigendecomposition + Rayleigh-Ritz (fast); 'full': LAPACK SVD"
     )
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     def selector(self) -> MatrixSelector:
         return make_selector(self.selector_name, self.exclude)
@@ -89,6 +89,12 @@ class Merger:
         self.ctx = ctx
         selector = params.selector()
         self.selected: frozenset[str] = frozenset(selector.select(ctx.layout) if selector else ())
+        if selector is not None and not self.selected and ctx.float_keys:
+            raise ConfigError(
+                f"the matrix selector {selector.name!r} (exclude {list(selector.exclude)}) matches none of the "
+                f"{len(ctx.float_keys)} float tensors (layout: {detect_layout(list(ctx.layout))}), so no matrix would "
+                "be factorized; pass selector=all_2d or adjust exclude"
+            )
 
     def prepare(self, source: TensorSource) -> None:
         """Optional pass over the inputs (global statistics) before the streaming merge."""

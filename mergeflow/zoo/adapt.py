@@ -16,8 +16,9 @@ import torch
 
 from mergeflow.adamerging import AdaMergingParams, adamerge, adaptation_vectors
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
+from mergeflow.codeid import code_identity
 from mergeflow.devices import resolve_device
-from mergeflow.hashing import code_version, sha256_file_cached
+from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict
 from mergeflow.zoo.evaluator import make_evaluator
 
@@ -45,7 +46,7 @@ def adapt_zoo(
         "theta0": sha256_file_cached(theta0),
         "models": [sha256_file_cached(m) for m in models],
         "data": [zoo["tasks"][t]["data_sha256"] for t in tasks],
-        "code": code_version("adamerging.py", "zoo/adapt.py", "zoo/evaluator.py", "linalg.py", "selectors.py"),
+        "code": code_identity(__name__),
     }
     fingerprint = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     target = out_dir / "merged" / f"{name}-{fingerprint[:12]}.safetensors"

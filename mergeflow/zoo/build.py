@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
+from mergeflow.codeid import code_identity
 from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
@@ -36,7 +37,7 @@ log = logging.getLogger("mergeflow.zoo")
 class TextZooConfig(BaseModel):
     """Settings of the text zoo (``zoo:`` in params.yaml)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     tasks: tuple[str, ...] = ("wordnet", "fortune_topic", "language", "emoji")
     train: int = Field(1500, ge=8)
@@ -57,6 +58,8 @@ class TextZooConfig(BaseModel):
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
+    """Identity of a built artefact: what it is built from, and the code that builds it."""
+    record = {**record, "code": code_identity(__name__)}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 

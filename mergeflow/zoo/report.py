@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mergeflow.codeid import code_identity
 from mergeflow.engine import merge_checkpoints
 from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file, sha256_file_cached
@@ -25,7 +26,7 @@ from mergeflow.writer import write_text_atomic
 from mergeflow.zoo.build import evaluate_checkpoint
 
 log = logging.getLogger("mergeflow.report")
-EVAL_VERSION = 2  # part of every cached evaluation's key: bump when evaluation results can change
+EVAL_CODE = "mergeflow.zoo.evaluator"  # the code identity of every cached evaluation (mergeflow.codeid)
 
 
 def grid_points(base: Mapping[str, Any], grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -45,7 +46,8 @@ class _Evaluator:
         self.data_key = hashlib.sha256("".join(parts).encode()).hexdigest()
 
     def __call__(self, checkpoint: Path, split: str) -> dict[str, dict[str, float]]:
-        key = hashlib.sha256(f"{sha256_file(checkpoint)}:{split}:{self.data_key}:{EVAL_VERSION}".encode()).hexdigest()
+        identity = f"{sha256_file(checkpoint)}:{split}:{self.data_key}:{code_identity(EVAL_CODE)}"
+        key = hashlib.sha256(identity.encode()).hexdigest()
         cached = self.cache_dir / f"{key}.json"
         if cached.exists():
             return json.loads(cached.read_text())
@@ -89,7 +91,7 @@ def _normalized(scores: dict[str, float], individual: dict[str, float]) -> float
 
 
 def _point_cache(cache_dir: str | Path, basis: str, group: int, scaling: float | None, split: str, data: str) -> Path:
-    point = f"{basis}:{group}:{scaling!r}:{split}:{data}:{EVAL_VERSION}"
+    point = f"{basis}:{group}:{scaling!r}:{split}:{data}:{code_identity(EVAL_CODE)}"
     return Path(cache_dir) / f"grid-{hashlib.sha256(point.encode()).hexdigest()}.json"
 
 

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.checkpoint import read_state_dict, stored_fingerprint
+from mergeflow.codeid import code_identity
 from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
@@ -43,7 +44,7 @@ NOTE = "θ0 is a tiny ViT trained on Fashion-MNIST here: not a foundation model;
 class VisionZooConfig(BaseModel):
     """``zoo.vision_tiny`` in params.yaml."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     tasks: tuple[str, ...] = ("mnist5k", "digits", "emoji", "clipart")
     pretrain_examples: int = Field(20000, ge=64)
@@ -62,6 +63,8 @@ class VisionZooConfig(BaseModel):
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
+    """Identity of a built artefact: what it is built from, and the code that builds it."""
+    record = {**record, "code": code_identity(__name__)}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
