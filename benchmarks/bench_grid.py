@@ -28,8 +28,8 @@ import torch
 
 from mergeflow.engine import merge_checkpoints
 from mergeflow.grid import build_grid_basis, point_states
-from mergeflow.zoo.evaluator import ZooEvaluator
-from mergeflow.zoo.report import grid_points
+from mergeflow.zoo.selection import grid_points
+from mergeflow.zoo.text_evaluator import TextEvaluator
 
 RANK_RATIOS = [0.02, 0.04, 0.08, 0.12, 0.16, 0.24, 0.32, 0.5]
 SCALINGS = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]
@@ -54,7 +54,7 @@ def main() -> None:
         start = time.perf_counter()
         state = point_states(basis, 3, 2.0)[0]
         point_s = time.perf_counter() - start
-        engine = ZooEvaluator(args.zoo)
+        engine = TextEvaluator(args.zoo)
         engine.evaluate(state, "validation")  # warm-up: tokenisation and first-call costs
         start = time.perf_counter()
         engine.evaluate(state, "validation")

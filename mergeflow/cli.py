@@ -133,7 +133,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
     from mergeflow.config import load_config
-    from mergeflow.zoo import build_zoo
+    from mergeflow.zoo.registry import build_zoo
 
     cfg = load_config(args.params, preset=args.preset).zoo
     zoo = build_zoo(cfg.name, args.dir or cfg.dir, cfg.settings())
@@ -160,7 +160,7 @@ def _cmd_zoo_check(args: argparse.Namespace) -> int:
 
 def _cmd_zoo_evaluate(args: argparse.Namespace) -> int:
     from mergeflow.config import load_config
-    from mergeflow.zoo.build import evaluate_checkpoint
+    from mergeflow.zoo.registry import evaluate_checkpoint
 
     zoo_dir = args.dir or load_config(args.params).zoo.dir
     results = evaluate_checkpoint(zoo_dir, args.checkpoint, args.split)
@@ -174,7 +174,8 @@ def _cmd_zoo_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_zoo_report(args: argparse.Namespace) -> int:
     from mergeflow.config import load_config
-    from mergeflow.zoo.report import render, zoo_report
+    from mergeflow.zoo.job import zoo_report
+    from mergeflow.zoo.report import render
 
     cfg = load_config(args.params, preset=args.preset)
     zoo_dir = Path(args.dir or cfg.zoo.dir)

@@ -88,10 +88,10 @@ def _sweep_table(sweep: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def log_report(report: dict[str, Any], out_dir: str | Path, uri: str | None = None) -> str:
-    """Log a :func:`mergeflow.zoo.report.zoo_report` result; returns the parent run id."""
+    """Log a :func:`mergeflow.zoo.job.zoo_report` result; returns the parent run id."""
     import mlflow
 
-    from mergeflow.zoo.report import PLOTS
+    from mergeflow.zoo.plots import PLOTS
 
     out_dir = Path(out_dir)
     zoo = json.loads((Path(report["zoo"]) / "zoo.json").read_text())

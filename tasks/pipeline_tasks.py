@@ -15,11 +15,12 @@ from mergeflow.adamerging import AdaMergingParams
 from mergeflow.codeid import code_identity
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.tracking import log_report
-from mergeflow.zoo import build_zoo as build_named_zoo
-from mergeflow.zoo import zoo_sources
 from mergeflow.zoo.adapt import adapt_zoo
 from mergeflow.zoo.build import zoo_files
-from mergeflow.zoo.report import assemble_report, evaluate_baselines, evaluate_grid_point, select_method
+from mergeflow.zoo.registry import build_zoo as build_named_zoo
+from mergeflow.zoo.registry import zoo_sources
+from mergeflow.zoo.report import assemble_report
+from mergeflow.zoo.selection import evaluate_baselines, evaluate_grid_point, select_method
 from mergeflow.zoo.text_model import MINILM_SHA256
 from tasks.caching import content_key
 

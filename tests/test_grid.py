@@ -10,7 +10,7 @@ import torch
 
 from mergeflow.engine import merge_checkpoints
 from mergeflow.grid import build_grid_basis, point_states, scaling_groups
-from mergeflow.zoo.report import grid_points
+from mergeflow.zoo.selection import grid_points
 from tests.helpers import LAYOUTS, load, max_rel_diff, random_state_dicts, write_set
 
 F64 = "float64"

@@ -13,7 +13,8 @@ from mergeflow.checkpoint import open_checkpoint, read_state_dict
 from mergeflow.engine import merge_checkpoints
 from mergeflow.errors import CheckpointError
 from mergeflow.zoo import text_model
-from mergeflow.zoo.build import TextZooConfig, build_text_zoo, evaluate_checkpoint
+from mergeflow.zoo.build import TextZooConfig, build_text_zoo
+from mergeflow.zoo.registry import evaluate_checkpoint
 from mergeflow.zoo.text_data import TASK_BUILDERS, make_splits, manifest
 from mergeflow.zoo.text_model import evaluate, finetune, load_text_encoder, zero_shot_head
 
@@ -110,7 +111,7 @@ def test_tiny_zoo_builds_resumes_merges_and_evaluates(tmp_path: Path) -> None:
 
 
 def test_report_selects_on_validation_and_caches_evaluations(tmp_path: Path) -> None:
-    from mergeflow.zoo.report import zoo_report
+    from mergeflow.zoo.job import zoo_report
 
     cfg = TextZooConfig(tasks=("language", "emoji"), train=32, validation=16, test=32, layers=2, max_length=32)
     build_text_zoo(tmp_path / "zoo", cfg)

@@ -148,14 +148,15 @@ def test_code_identity_follows_imports_and_only_imports(package_copy: Path) -> N
     files = {p.relative_to(package_copy).as_posix() for p in codeid.code_files("mergeflow.engine")}
     assert {"mergeflow/linalg.py", "mergeflow/methods/cart.py", "mergeflow/writer.py", "mergeflow/__init__.py"} <= files
     assert "mergeflow/zoo/report.py" not in files and "mergeflow/tracking.py" not in files
-    # function-level imports count: the report imports the grid inside a function
-    assert "mergeflow/grid.py" in {p.name and p.relative_to(package_copy).as_posix()
-                                   for p in codeid.code_files("mergeflow.zoo.report")}  # fmt: skip
-    engine_id, report_id = _fresh_identity("mergeflow.engine"), _fresh_identity("mergeflow.zoo.report")
+    # function-level and relative imports count too
+    (package_copy / "mergeflow" / "zz_probe.py").write_text("def f():\n    from . import grid\n")
+    probe = {p.relative_to(package_copy).as_posix() for p in codeid.code_files("mergeflow.zz_probe")}
+    assert {"mergeflow/grid.py", "mergeflow/engine.py", "mergeflow/linalg.py"} <= probe
+    engine_id, report_id = _fresh_identity("mergeflow.engine"), _fresh_identity("mergeflow.zoo.selection")
     with open(package_copy / "mergeflow" / "linalg.py", "a") as handle:
         handle.write("\n# an edit\n")
     assert _fresh_identity("mergeflow.engine") != engine_id
-    assert _fresh_identity("mergeflow.zoo.report") != report_id
+    assert _fresh_identity("mergeflow.zoo.selection") != report_id
     engine_id = _fresh_identity("mergeflow.engine")
     with open(package_copy / "mergeflow" / "tracking.py", "a") as handle:
         handle.write("\n# unrelated to merging\n")
@@ -170,9 +171,9 @@ def test_pipeline_and_analysis_keys_use_the_code_identity(monkeypatch) -> None:
 
     calls = []
     monkeypatch.setattr(pipeline_tasks, "code_identity", lambda module: calls.append(module) or module)
-    assert pipeline_tasks.code_of(pipeline_tasks.select_method) == "mergeflow.zoo.report"
+    assert pipeline_tasks.code_of(pipeline_tasks.select_method) == "mergeflow.zoo.selection"
     assert pipeline_tasks.code_of(pipeline_tasks.adapt_zoo) == "mergeflow.zoo.adapt"
-    assert calls == ["mergeflow.zoo.report", "mergeflow.zoo.adapt"]
+    assert calls == ["mergeflow.zoo.selection", "mergeflow.zoo.adapt"]
     text = (PROJECT / "tasks" / "pipeline_tasks.py").read_text() + (PROJECT / "flows" / "analyses.py").read_text()
     assert "code_version" not in text  # no hand-kept module lists left
 
@@ -180,7 +181,7 @@ def test_pipeline_and_analysis_keys_use_the_code_identity(monkeypatch) -> None:
 def test_dvc_stage_deps_are_the_code_identity_files() -> None:
     text = (PROJECT / "dvc.yaml").read_text()
     assert codeid.sync_dvc_deps(text) == text, "dvc.yaml code deps are stale: run python -m mergeflow.codeid dvc.yaml"
-    assert "# code: mergeflow.zoo.report" in text and "      - mergeflow/linalg.py" in text
+    assert "# code: mergeflow.zoo.job" in text and "      - mergeflow/linalg.py" in text
     stale = text.replace("      - mergeflow/linalg.py\n", "", 1)
     assert codeid.sync_dvc_deps(stale) == text
 

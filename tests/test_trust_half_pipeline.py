@@ -11,12 +11,13 @@ import torch
 
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.writer import save_state_dict
-from mergeflow.zoo.build import TextZooConfig, build_text_zoo, evaluate_checkpoint
+from mergeflow.zoo.build import TextZooConfig, build_text_zoo
+from mergeflow.zoo.registry import evaluate_checkpoint
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_selection_on_half_precision_checkpoints_scores_the_exact_merge(tmp_path: Path, dtype: torch.dtype) -> None:
-    from mergeflow.zoo.report import zoo_report
+    from mergeflow.zoo.job import zoo_report
 
     cfg = TextZooConfig(tasks=("language", "emoji"), train=32, validation=16, test=32, layers=2, max_length=32)
     zoo = build_text_zoo(tmp_path / "zoo", cfg)

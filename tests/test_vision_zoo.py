@@ -11,8 +11,7 @@ import torch
 
 from mergeflow.adamerging import AdaMergingParams
 from mergeflow.checkpoint import read_state_dict
-from mergeflow.zoo import build_zoo
-from mergeflow.zoo.build import evaluate_checkpoint
+from mergeflow.zoo.registry import build_zoo, evaluate_checkpoint
 from mergeflow.zoo.vision_data import EMOJI_FONT, clipart, digits, emoji_groups, mnist5k
 from mergeflow.zoo.vision_zoo import VisionZooConfig
 
@@ -50,7 +49,7 @@ def test_clipart_reads_a_folder_tree(tmp_path: Path) -> None:
 
 
 def test_tiny_vision_zoo_fine_tunes_merges_and_adapts(tmp_path: Path) -> None:
-    from mergeflow.zoo.report import zoo_report
+    from mergeflow.zoo.job import zoo_report
 
     cfg = VisionZooConfig(tasks=("mnist5k", "digits"), pretrain_examples=512, pretrain_epochs=1.0, train=256,
                           validation=64, test=128, epochs=8.0, lr=5e-4)  # fmt: skip

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mergeflow.zoo.report import _normalized, evaluate_baselines, grid_points, score_grid_points
+from mergeflow.zoo.selection import evaluate_baselines, grid_points, normalized, score_grid_points
 
 log = logging.getLogger("mergeflow.analysis")
 
@@ -25,7 +25,7 @@ def cart_rank_curve(
     by_rank: dict[float, list[tuple[float, float, dict[str, float]]]] = {}
     for values, results in validation:
         val = {t: results[0][t]["accuracy"] for t in tasks}
-        by_rank.setdefault(values["rank_ratio"], []).append((_normalized(val, individual["validation"]),
+        by_rank.setdefault(values["rank_ratio"], []).append((normalized(val, individual["validation"]),
                                                              values["scaling"], val))  # fmt: skip
     chosen = {rank: max(scored, key=lambda s: s[0]) for rank, scored in by_rank.items()}
     # the same ranks, one point each: the same basis (kept above), removed after this call
@@ -37,6 +37,6 @@ def cart_rank_curve(
         score, best, val = chosen[values["rank_ratio"]]
         test = {t: results[0][t]["accuracy"] for t in tasks}
         curve.append({"rank_ratio": values["rank_ratio"], "scaling": best, "validation": val,
-                      "validation_score": score, "test": test, "test_normalized": _normalized(test, individual["test"]),
+                      "validation_score": score, "test": test, "test_normalized": normalized(test, individual["test"]),
                       "all_scalings": {str(s): sc for sc, s, _ in by_rank[values["rank_ratio"]]}})  # fmt: skip
     return {"tasks": tasks, "curve": curve, "scalings": list(scalings)}

@@ -36,7 +36,7 @@ from mergeflow.hashing import sha256_file_cached
 from mergeflow.presets import get_preset
 from mergeflow.sources import OpenClipSource, Source
 from mergeflow.writer import write_text_atomic
-from mergeflow.zoo.evaluator import StateEvaluator
+from mergeflow.zoo.evaluation import Evaluator
 
 log = logging.getLogger("mergeflow.clip")
 SPLITS = ("validation", "test")
@@ -223,7 +223,7 @@ class _Decoded(torch.utils.data.Dataset):
         return self.preprocess.geometry(self.images.image(self.indices[i]))
 
 
-class ClipEvaluator(StateEvaluator):
+class ClipEvaluator(Evaluator):
     """Scores CLIP image-tower state dicts on every task of a clip zoo with its frozen zero-shot heads:
     logits = head · normalise(tower(x)); accuracy is top-1, loss the mean cross-entropy."""
 

@@ -20,7 +20,8 @@ from mergeflow.codeid import code_identity
 from mergeflow.devices import resolve_device
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict
-from mergeflow.zoo.evaluator import make_evaluator
+from mergeflow.zoo.evalcache import EvaluationCache
+from mergeflow.zoo.registry import make_evaluator, read_zoo
 
 log = logging.getLogger("mergeflow.adapt")
 
@@ -34,10 +35,8 @@ def adapt_zoo(
     The adapted model is written atomically with a fingerprint of everything that determines it,
     so a rerun with the same inputs loads it instead of training again.
     """
-    from mergeflow.zoo.report import _Evaluator
-
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
-    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    zoo = read_zoo(zoo_dir)
     tasks = list(zoo["tasks"])
     theta0 = Path(zoo["theta0"]["file"])
     models = [Path(zoo["tasks"][t]["model"]) for t in tasks]
@@ -81,7 +80,7 @@ def adapt_zoo(
             "mergeflow.adaptation": json.dumps(record_out),
         }
         save_state_dict(target, state, meta)
-    evaluator = _Evaluator(zoo_dir, out_dir / "evaluations")
+    evaluator = EvaluationCache(zoo_dir, out_dir / "evaluations")
     scores = {
         split: {t: r["accuracy"] for t, r in evaluator(target, split).items()} for split in ("validation", "test")
     }

@@ -146,12 +146,3 @@ def zoo_files(zoo: dict[str, Any]) -> list[str]:
 def _beyond(key: str, layers: int) -> bool:
     parts = key.split(".")
     return len(parts) > 2 and parts[0] == "encoder" and parts[1] == "layer" and int(parts[2]) >= layers
-
-
-def evaluate_checkpoint(
-    zoo_dir: str | Path, checkpoint: str | Path, split: str = "test"
-) -> dict[str, dict[str, float]]:
-    """Accuracy and loss of one (merged) encoder on every task of the zoo, with the frozen heads."""
-    from mergeflow.zoo.evaluator import evaluator_for
-
-    return evaluator_for(zoo_dir).evaluate(read_state_dict(checkpoint), split)

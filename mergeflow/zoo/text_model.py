@@ -76,15 +76,15 @@ def load_text_encoder(
 
         config = AutoConfig.from_pretrained(folder, num_hidden_layers=layers)
         model = AutoModel.from_config(config)
-        model.load_state_dict(_weights(read_state_dict(folder / "model.safetensors")), strict=False)
+        model.load_state_dict(encoder_weights(read_state_dict(folder / "model.safetensors")), strict=False)
     if state is not None:
-        missing, unexpected = model.load_state_dict(_weights(state), strict=False)
+        missing, unexpected = model.load_state_dict(encoder_weights(state), strict=False)
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
             raise CheckpointError(f"weights do not fit MiniLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return TextEncoder(model.eval(), tokenizer, max_length)
 
 
-def _weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def encoder_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict without ``position_ids`` (a constant buffer the model rebuilds itself)."""
     return {k: v for k, v in state.items() if not k.endswith("position_ids")}
 

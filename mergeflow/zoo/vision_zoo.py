@@ -33,7 +33,7 @@ from mergeflow.codeid import code_identity
 from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
-from mergeflow.zoo.evaluator import StateEvaluator
+from mergeflow.zoo.evaluation import Evaluator
 from mergeflow.zoo.vision_data import DATASETS, split_indices, to_inputs
 from mergeflow.zoo.vision_model import fit_linear_probe, make_classifier, predict, train
 
@@ -145,7 +145,7 @@ def build_vision_zoo(directory: str | Path, cfg: VisionZooConfig | None = None) 
     return zoo
 
 
-class VisionEvaluator(StateEvaluator):
+class VisionEvaluator(Evaluator):
     """Evaluates tower state dicts on every task of a vision zoo, with the frozen probe heads."""
 
     def __init__(self, zoo_dir: str | Path, batch_size: int = 512):

@@ -6,71 +6,24 @@ costs forward passes only. Accuracy is top-1 of ``head · embedding``; loss is m
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.errors import CheckpointError
-from mergeflow.zoo.text_model import _weights, load_text_encoder
-
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # tokenised inputs, labels
-
-
-def top1_and_loss(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Top-1 accuracy, mean cross-entropy and count over (logits, labels) batches."""
-    correct, loss, n = 0, 0.0, 0
-    for logits, labels in scored:
-        labels = labels.to(logits.device)
-        loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        n += len(labels)
-    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+from mergeflow.zoo.build import TextZooConfig
+from mergeflow.zoo.evaluation import Batch, Evaluator
+from mergeflow.zoo.text_model import encoder_weights, load_text_encoder
 
 
-class StateEvaluator:
-    """What every zoo evaluator shares: put a state dict in, score every task's split without gradients."""
-
-    tasks: list[str]
-
-    @property
-    def module(self) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def load(self, state: Mapping[str, torch.Tensor], tag: str | None = None) -> None:
-        raise NotImplementedError
-
-    def scored(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(logits, labels) per batch of ``task``'s ``split`` with the weights loaded now."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def evaluate(
-        self,
-        state: Mapping[str, torch.Tensor] | None,
-        split: str,
-        tasks: list[str] | None = None,
-        tag: str | None = None,
-    ) -> dict[str, dict[str, float]]:
-        """Accuracy, loss and count per task of ``state`` (None: the weights already loaded)."""
-        if state is not None:
-            self.load(state, tag)
-        self.module.eval()
-        return {task: top1_and_loss(self.scored(task, split)) for task in tasks or self.tasks}
-
-
-class ZooEvaluator(StateEvaluator):
+class TextEvaluator(Evaluator):
     """Evaluates state dicts of θ0's architecture on every task of a text zoo."""
 
     def __init__(self, zoo_dir: str | Path, batch_size: int = 64):
-        from mergeflow.zoo.build import TextZooConfig
-
         self.zoo_dir = Path(zoo_dir)
         self.zoo = json.loads((self.zoo_dir / "zoo.json").read_text())
         cfg = TextZooConfig(**self.zoo["config"])
@@ -105,7 +58,7 @@ class ZooEvaluator(StateEvaluator):
         """Put ``state`` into the encoder (skipped when ``tag`` names the state already loaded)."""
         if tag is not None and tag == self._loaded:
             return
-        missing, unexpected = self.encoder.model.load_state_dict(_weights(state), strict=False)
+        missing, unexpected = self.encoder.model.load_state_dict(encoder_weights(state), strict=False)
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
             raise CheckpointError(f"weights do not fit the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self._loaded = tag
@@ -137,7 +90,7 @@ class ZooEvaluator(StateEvaluator):
         head = self.heads[task]
         return self.embed({k: v.to(head.device) for k, v in inputs.items()}, params=params) @ head.T
 
-    def to(self, device: torch.device) -> ZooEvaluator:
+    def to(self, device: torch.device) -> TextEvaluator:
         """Move the encoder and heads (adaptation on a GPU); evaluation keeps to the CPU copy."""
         self.encoder.model.to(device)
         self.heads = {t: h.to(device) for t, h in self.heads.items()}
@@ -146,31 +99,3 @@ class ZooEvaluator(StateEvaluator):
     def scored(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for inputs, labels in self.batches(task, split):
             yield self.embed(inputs) @ self.heads[task].T, labels
-
-
-_local = threading.local()
-
-
-def make_evaluator(zoo_dir: str | Path) -> Any:
-    """The evaluator of a zoo's kind: text (MiniLM), vision (tiny open_clip tower) or clip (zero-shot heads)."""
-    zoo = json.loads((Path(zoo_dir) / "zoo.json").read_text())
-    if zoo.get("kind") == "clip":
-        from mergeflow.clip.zoo import ClipEvaluator
-
-        return ClipEvaluator(zoo_dir)
-    if zoo.get("kind") == "vision":
-        from mergeflow.zoo.vision_zoo import VisionEvaluator
-
-        return VisionEvaluator(zoo_dir)
-    return ZooEvaluator(zoo_dir)
-
-
-def evaluator_for(zoo_dir: str | Path) -> Any:
-    """This thread's evaluator for ``zoo_dir`` (rebuilt when the zoo's description changes)."""
-    key = hashlib.sha256((Path(zoo_dir) / "zoo.json").read_bytes()).hexdigest() + str(Path(zoo_dir).resolve())
-    cache: dict[str, Any] = getattr(_local, "cache", None) or {}
-    if key not in cache:
-        cache.clear()  # one zoo at a time per thread: an encoder is ~90 MB
-        cache[key] = make_evaluator(zoo_dir)
-        _local.cache = cache
-    return cache[key]

@@ -1,0 +1,116 @@
+"""Plots of a zoo report: per-task test accuracy of every merge, CART's validation score against
+rank and its scaling × rank heatmap, every method's score against scaling, and AdaMerging's entropy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergeflow.zoo.selection import mean
+
+
+def plot_report(report: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report["tasks"]
+    merged = [
+        r for r in report["rows"] if r["method"] not in ("zero-shot (θ0)",) and not r["method"].startswith("fine-tuned")
+    ]
+    fig, ax = plt.subplots(figsize=(2 + 1.1 * len(merged), 3.8))
+    width = 0.8 / len(tasks)
+    for i, task in enumerate(tasks):
+        xs = [j + (i - (len(tasks) - 1) / 2) * width for j in range(len(merged))]
+        ax.bar(xs, [100 * r["test"][task] for r in merged], width, label=task)
+    ax.set_xticks(range(len(merged)), [r["method"] for r in merged], rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{report.get('zoo_name', 'zoo')}: merges with parameters chosen on validation")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_by_task.png", dpi=110)
+    plt.close(fig)
+    _plot_grids(report, out_dir, plt)
+    _plot_adaptation(report, out_dir, plt)
+
+
+PLOTS = ("accuracy_by_task.png", "cart_rank_curve.png", "cart_grid_heatmap.png", "scaling_curves.png",
+         "adaptation_entropy.png")  # fmt: skip
+
+
+def _plot_grids(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
+    """CART: best validation score per rank (the bell-curve question) and the scaling × rank heatmap;
+    every method: validation score against scaling."""
+    cart = report["sweeps"].get("cart")
+    if cart and len({p["params"]["rank_ratio"] for p in cart}) > 1:
+        ranks = sorted({p["params"]["rank_ratio"] for p in cart})
+        scalings = sorted({p["params"]["scaling"] for p in cart})
+        score = {(p["params"]["rank_ratio"], p["params"]["scaling"]): 100 * p["score"] for p in cart}
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ax.plot(ranks, [max(score.get((r, s), float("-inf")) for s in scalings) for r in ranks], marker="o",
+                label="best scaling per rank")  # fmt: skip
+        for s in scalings[:: max(1, len(scalings) // 4)]:
+            ax.plot(ranks, [score.get((r, s), float("nan")) for r in ranks], alpha=0.5, lw=1, label=f"scaling {s}")
+        ax.set_xscale("log")
+        ax.set_xlabel("rank ratio (log scale)")
+        ax.set_ylabel(f"validation score ({report['criterion']}, %)")
+        ax.set_title("CART: validation score vs. rank")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "cart_rank_curve.png", dpi=110)
+        plt.close(fig)
+        grid = [[score.get((r, s), float("nan")) for r in ranks] for s in scalings]
+        fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(ranks), 1.2 + 0.4 * len(scalings)))
+        image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+        ax.set_xticks(range(len(ranks)), [f"{r:g}" for r in ranks])
+        ax.set_yticks(range(len(scalings)), [f"{s:g}" for s in scalings])
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_xlabel("rank ratio")
+        ax.set_ylabel("scaling λ")
+        ax.set_title(f"CART validation score ({report['criterion']}, %)")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out_dir / "cart_grid_heatmap.png", dpi=110)
+        plt.close(fig)
+    curves = {}
+    for method, sweep in report["sweeps"].items():
+        by_scaling: dict[float, float] = {}
+        for p in sweep:
+            if "scaling" in p["params"]:
+                s = p["params"]["scaling"]
+                by_scaling[s] = max(by_scaling.get(s, float("-inf")), 100 * p["score"])
+        if len(by_scaling) > 1:
+            curves[method] = sorted(by_scaling.items())
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for method, points in curves.items():
+            ax.plot([x for x, _ in points], [y for _, y in points], marker=".", label=method)
+        ax.set_xlabel("scaling λ (other parameters at their best)")
+        ax.set_ylabel(f"validation score ({report['criterion']}, %)")
+        ax.set_title("Validation score vs. scaling")
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+        fig.tight_layout()
+        fig.savefig(out_dir / "scaling_curves.png", dpi=110)
+        plt.close(fig)
+
+
+def _plot_adaptation(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
+    runs = {name: a["history"] for name, a in report.get("adaptation", {}).items() if a["history"]}
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, history in runs.items():
+        window = max(1, len(history) // 20)
+        smooth = [mean(history[max(0, i - window + 1) : i + 1]) for i in range(len(history))]
+        ax.plot(range(1, len(history) + 1), smooth, label=f"{name} (moving mean of {window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Σ tasks mean prediction entropy")
+    ax.set_title("AdaMerging: entropy on unlabelled test batches")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "adaptation_entropy.png", dpi=110)
+    plt.close(fig)
