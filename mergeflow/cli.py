@@ -90,6 +90,8 @@ def _cmd_acquire(args: argparse.Namespace) -> int:
     cfg = load_config(args.params).acquire
     preset_name = args.preset or cfg.preset
     store = ArtifactStore(args.store or cfg.store)
+    for key in args.repin:
+        store.unpin(key)
     from_dir = Path(args.from_dir) if args.from_dir else None
     lines = []
     if preset_name:
@@ -289,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     acquire.add_argument("--params", default="params.yaml", metavar="FILE", help="acquire: section (store, sources)")
     acquire.add_argument("--store", metavar="DIR", help="store root (default: acquire.store in params.yaml)")
     acquire.add_argument("--from-dir", metavar="DIR", help="files provided by hand (offline machines)")
+    acquire.add_argument(
+        "--repin", action="append", default=[], metavar="SOURCE",
+        help="drop the pin of SOURCE (identity or unambiguous name) in lock.json: fetch, verify and pin it anew",
+    )  # fmt: skip
     acquire.add_argument("--dvc", action="store_true", help="dvc add the store afterwards")
     acquire.set_defaults(func=_cmd_acquire)
 

@@ -42,13 +42,38 @@ for _name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "in
     _ALLOWED[("torch", _name)] = getattr(torch, _name)
 
 
+_MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
+def _fresh_module_state() -> dict[str, Any]:
+    """The attributes ``nn.Module.__init__`` sets in this torch version, with fresh (unshared) values."""
+    return dict(torch.nn.Module().__dict__)
+
+
 class StubModule(torch.nn.Module):
-    """Stands in for any pickled class: keeps the attributes it is given, runs no foreign code."""
+    """Stands in for any pickled class: keeps the attributes it is given, runs no foreign code.
+
+    Pickles written by older torch (e.g. 1.x, the original task-vectors release) lack attributes that
+    today's ``nn.Module`` relies on (``_state_dict_pre_hooks``, ``_non_persistent_buffers_set``, ...);
+    each one a fresh ``nn.Module`` has is filled in when missing. Hook containers are always reset to
+    empty: a converted module never runs, and a pickled hook (a stub at best) must not be called by
+    ``state_dict()``.
+    """
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the pickled attributes over a fresh module's defaults; refuse a malformed module state."""
         if not isinstance(state, dict):
-            raise pickle.UnpicklingError("unexpected non-dict object state")
+            raise pickle.UnpicklingError(f"{type(self).__name__}: unexpected non-dict object state")
+        for key in _MODULE_CONTAINERS:
+            if key in state and not isinstance(state[key], dict):
+                raise pickle.UnpicklingError(
+                    f"{type(self).__name__}: pickled {key} is a {type(state[key]).__name__}, not a dict"
+                )
+        fresh = _fresh_module_state()
+        hooks = {key: value for key, value in fresh.items() if "hook" in key}
+        self.__dict__.update(fresh)
         self.__dict__.update(state)
+        self.__dict__.update(hooks)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a converted legacy module cannot be run")

@@ -10,7 +10,13 @@ Layout under the store root::
 
 A source without an expected sha256 gets one on first acquisition, which is enforced afterwards;
 a Hub revision given as a branch or tag is pinned to the commit it resolved to. Nothing is
-fetched twice: a source whose pinned file is in the store is a cache hit.
+fetched twice: a source whose pinned file is in the store is a cache hit. A pin that turns out to
+be wrong (say, a truncated first download) is reported with what is pinned, why the file does not
+match, and how to re-pin it (:meth:`ArtifactStore.unpin`, ``mergeflow acquire --repin``).
+
+Files provided by hand in ``--from-dir`` are looked up by names that cannot leave that directory:
+no ``..``, no absolute paths, no separators where a plain name is expected, and no symlink that
+resolves outside it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,11 +39,20 @@ import torch
 import mergeflow
 from mergeflow.checkpoint import SafetensorsReader, load_pickled_state_dict, read_state_dict, sniff_format
 from mergeflow.convert import hf_clip_vision_to_open_clip, select_prefix
-from mergeflow.download import DownloadError, download
-from mergeflow.errors import CheckpointError, MergeflowError
+from mergeflow.download import DownloadError, HashMismatchError, download
+from mergeflow.errors import CheckpointError, ConfigError, MergeflowError
 from mergeflow.hashing import sha256_file
 from mergeflow.legacy import convert_legacy_checkpoint
-from mergeflow.sources import HubSource, OpenClipSource, PathSource, Source, UrlSource
+from mergeflow.sources import (
+    HubSource,
+    OpenClipSource,
+    PathSource,
+    Source,
+    UrlSource,
+    plain_name,
+    safe_repo_path,
+    url_file_name,
+)
 from mergeflow.writer import fsync_dir, save_state_dict, write_text_atomic
 
 log = logging.getLogger("mergeflow.store")
@@ -98,15 +114,66 @@ class ArtifactStore:
             raise CheckpointError(f"{self.lock_path}: corrupt lock file ({exc})") from None
 
     def _record(self, identity: str, entry: dict[str, Any]) -> None:
+        """Merge ``entry`` into the lock entry of ``identity`` and rewrite the lock file atomically."""
         lock = self.lock()
         lock[identity] = {**lock.get(identity, {}), **entry}
+        self._write_lock(lock)
+
+    def _write_lock(self, lock: dict[str, dict[str, Any]]) -> None:
+        """Replace the lock file with ``lock``."""
         write_text_atomic(self.lock_path, json.dumps(lock, indent=2, sort_keys=True))
+
+    def repin_hint(self, identity: str) -> str:
+        """How to drop the pin of ``identity`` so that its next acquisition pins the file it then finds."""
+        return (
+            f"re-pin it: provide the right file and rerun acquire with --repin {shlex.quote(identity)} "
+            f"(or delete the {json.dumps(identity)} entry from {self.lock_path})"
+        )
+
+    def _pin_text(self, identity: str, pinned: dict[str, Any]) -> str:
+        """``<lock> pins <identity> to sha256 X (N bytes)``: what the lock says about a source."""
+        size = f", {pinned['size']} bytes" if isinstance(pinned.get("size"), int) else ""
+        return f"{self.lock_path} pins {identity} to sha256 {pinned.get('sha256')}{size} since its first acquisition"
+
+    def unpin(self, key: str) -> list[str]:
+        """Drop the lock entry of a source (its identity, or its name when that is unambiguous).
+
+        The pinned file and its converted safetensors are removed from the store too, unless another
+        entry still pins them, so the next acquisition fetches, verifies and pins the file anew.
+        Returns the identities dropped; a key that matches nothing, or several names, is a ConfigError.
+        """
+        lock = self.lock()
+        if key in lock:
+            matches = [key]
+        else:
+            matches = [identity for identity, entry in lock.items() if entry.get("name") == key]
+        if not matches:
+            raise ConfigError(f"{self.lock_path}: no pinned source has the identity or name {key!r}")
+        if len(matches) > 1:
+            raise ConfigError(
+                f"{self.lock_path}: name {key!r} matches {len(matches)} pinned sources "
+                f"({', '.join(matches)}); give one of these identities instead"
+            )
+        identity = matches[0]
+        entry = lock.pop(identity)
+        self._write_lock(lock)
+        still_pinned = {other.get("sha256") for other in lock.values()}
+        still_converted = {other.get("converted") for other in lock.values()}
+        sha256, converted = entry.get("sha256"), entry.get("converted")
+        if isinstance(sha256, str) and sha256 not in still_pinned:
+            self.file_path(sha256).unlink(missing_ok=True)
+        if isinstance(converted, str) and converted not in still_converted:
+            self.converted_path(converted).unlink(missing_ok=True)
+        log.info("%s: unpinned %s (was sha256 %s)", self.lock_path, identity, sha256)
+        return matches
 
     # -- paths ------------------------------------------------------------------------------
     def file_path(self, sha256: str) -> Path:
+        """Where the fetched file with this sha256 lives in the store."""
         return self.root / "files" / sha256[:2] / sha256
 
     def converted_path(self, key: str) -> Path:
+        """Where the converted safetensors with post-processing key ``key`` lives."""
         return self.root / "safetensors" / key[:2] / f"{key}.safetensors"
 
     def _adopt(self, path: Path, sha256: str, move: bool) -> Path:
@@ -128,20 +195,34 @@ class ArtifactStore:
 
     # -- fetching ---------------------------------------------------------------------------
     def _expected(self, source: Source, pinned: dict[str, Any]) -> str | None:
+        """The sha256 the fetched file must have: the source's declared one, else the lock's pin."""
         if source.sha256 and pinned.get("sha256") and source.sha256.lower() != pinned["sha256"]:
             raise CheckpointError(
-                f"{source.name}: the source now expects sha256 {source.sha256}, the lock pinned {pinned['sha256']}; "
-                f"remove its entry from {self.lock_path} to accept the new file"
+                f"{source.name}: the source now declares sha256 {source.sha256.lower()}, but "
+                f"{self._pin_text(source.identity(), pinned)}; {self.repin_hint(source.identity())}"
             )
         return (source.sha256 or pinned.get("sha256") or "").lower() or None
 
-    def _verify(self, source: Source, path: Path, expected: str | None) -> str:
+    def _mismatch(self, source: Source, pinned: dict[str, Any], found: str) -> str:
+        """Why a file with ``found`` (its sha256 and size) is refused, and what to do about it."""
+        if source.sha256:
+            return (
+                f"{source.name}: {found}, but the source {source.identity()} declares sha256 "
+                f"{source.sha256.lower()}; provide the declared file or correct the declared sha256"
+            )
+        return (
+            f"{source.name}: {found}, but {self._pin_text(source.identity(), pinned)}; "
+            f"if that pin is wrong (e.g. a truncated first download), {self.repin_hint(source.identity())}"
+        )
+
+    def _verify(self, source: Source, path: Path, expected: str | None, pinned: dict[str, Any]) -> str:
+        """Check ``path`` against the size limit and the expected sha256; returns its sha256."""
         size = path.stat().st_size
         if size > source.max_bytes:
             raise CheckpointError(f"{source.name}: {path} is {size} bytes, over the limit of {source.max_bytes}")
         digest = sha256_file(path)
         if expected and digest != expected:
-            raise CheckpointError(f"{source.name}: {path} has sha256 {digest}, expected {expected}")
+            raise CheckpointError(self._mismatch(source, pinned, f"{path} has sha256 {digest} ({size} bytes)"))
         return digest
 
     def _fetch_hub(self, source: HubSource, pinned: dict[str, Any], expected: str | None) -> tuple[Path, str, dict]:
@@ -167,7 +248,7 @@ class ArtifactStore:
             raise DownloadError(f"{source.repo}/{source.filename}@{revision}: {exc}") from None
         parts = local.parts
         commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts else revision
-        digest = self._verify(source, local, expected)
+        digest = self._verify(source, local, expected, pinned)
         return self._adopt(local, digest, move=False), digest, {"commit": commit}
 
     def fetch(self, source: Source, from_dir: Path | None = None) -> tuple[Path, str]:
@@ -179,33 +260,55 @@ class ArtifactStore:
             return self.file_path(expected), expected
         extra: dict[str, Any] = {}
         if from_dir is not None and (candidate := self._offline_candidate(source, from_dir)) is not None:
-            digest = self._verify(source, candidate, expected)
+            digest = self._verify(source, candidate, expected, pinned)
             path = self._adopt(candidate, digest, move=False)
         elif isinstance(source, PathSource):
             local = Path(source.path).expanduser()
             if not local.is_file():
                 raise DownloadError(f"{source.name}: no such file {local}")
-            digest = self._verify(source, local, expected)
+            digest = self._verify(source, local, expected, pinned)
             path = self._adopt(local, digest, move=False)
         elif isinstance(source, UrlSource):
             tmp = self.root / "downloads" / hashlib.sha256(source.url.encode()).hexdigest()[:16]
-            digest = download(source.url, tmp, expected, max_bytes=source.max_bytes)
+            try:
+                digest = download(source.url, tmp, expected, max_bytes=source.max_bytes)
+            except HashMismatchError as exc:
+                raise HashMismatchError(self._mismatch(source, pinned, str(exc))) from None
             path = self._adopt(tmp, digest, move=True)
         else:
             path, digest, extra = self._fetch_hub(source, pinned, expected)
-        self._record(source.identity(), {"sha256": digest, "name": source.name, **extra})
+        entry = {"sha256": digest, "name": source.name, "size": path.stat().st_size, **extra}
+        self._record(source.identity(), entry)
         return path, digest
 
     @staticmethod
     def _offline_candidate(source: Source, from_dir: Path) -> Path | None:
-        """A manually provided file: ``<dir>/<repo>/<filename>`` for Hub files, ``<dir>/<name>`` otherwise."""
-        if isinstance(source, HubSource):
-            candidate = from_dir / source.repo / source.filename
-        elif isinstance(source, UrlSource):
-            candidate = from_dir / source.url.rsplit("/", 1)[-1]
-        else:
-            candidate = from_dir / source.name
-        return candidate if candidate.is_file() else None
+        """A manually provided file: ``<dir>/<repo>/<filename>`` for Hub files, ``<dir>/<name>`` otherwise.
+
+        The parts of that path are checked before anything is looked up (plain names, no ``..``), and
+        the file found must resolve inside ``from_dir`` (a symlink pointing out of it is refused).
+        """
+        try:
+            if isinstance(source, HubSource):
+                parts = [plain_name(part, "repository part") for part in source.repo.split("/")]
+                parts += safe_repo_path(source.filename).split("/")
+            elif isinstance(source, UrlSource):
+                parts = [plain_name(url_file_name(source.url), "last URL segment")]
+            else:
+                parts = [plain_name(source.name, "source name")]
+        except ValueError as exc:
+            raise CheckpointError(f"{source.name}: cannot be looked up in --from-dir {from_dir}: {exc}") from None
+        root = from_dir.resolve()
+        candidate = from_dir.joinpath(*parts)
+        if not candidate.exists() and not candidate.is_symlink():
+            return None
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(root):
+            raise CheckpointError(
+                f"{source.name}: {candidate} resolves to {resolved}, outside --from-dir {root}; "
+                "copy the file into that directory instead of linking to it"
+            )
+        return resolved if resolved.is_file() else None
 
     # -- conversion -------------------------------------------------------------------------
     def _post_key(self, source: Source, sha256: str) -> str:
@@ -218,20 +321,36 @@ class ArtifactStore:
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
-    def _load(self, source: Source, raw: Path) -> dict[str, torch.Tensor]:
-        if sniff_format(raw) == "safetensors":
-            with SafetensorsReader(raw) as reader:
-                return {key: reader.load(key) for key in reader.keys()}
+    def _unloadable(self, source: Source, sha256: str, exc: CheckpointError) -> CheckpointError:
+        """The error for a fetched file that cannot be loaded: with a re-pin hint when it is only pinned."""
+        if source.sha256:
+            return CheckpointError(f"{source.name}: {exc}")
+        pinned = self.lock().get(source.identity(), {"sha256": sha256})
+        return CheckpointError(
+            f"{source.name}: {exc}; {self._pin_text(source.identity(), pinned)}; "
+            f"if that file was incomplete, {self.repin_hint(source.identity())}"
+        )
+
+    def _load(self, source: Source, raw: Path, sha256: str) -> dict[str, torch.Tensor]:
+        """The tensors of the fetched file ``raw`` (legacy pickles converted only when opted in)."""
         try:
+            if sniff_format(raw) == "safetensors":
+                with SafetensorsReader(raw) as reader:
+                    return {key: reader.load(key) for key in reader.keys()}
             return load_pickled_state_dict(raw)
         except CheckpointError as exc:
-            if "refusing to unpickle" not in str(exc) or not source.legacy_pickle:
+            if "refusing to unpickle" not in str(exc):
+                raise self._unloadable(source, sha256, exc) from None
+            if not source.legacy_pickle:
                 raise CheckpointError(
                     f"{source.name}: {exc}; if this is a pickled whole module from a source you trust, "
                     "set legacy_pickle: true to convert it in a restricted subprocess"
                 ) from None
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            converted = convert_legacy_checkpoint(raw, Path(tmp) / "legacy.safetensors")
+            try:
+                converted = convert_legacy_checkpoint(raw, Path(tmp) / "legacy.safetensors")
+            except CheckpointError as exc:
+                raise self._unloadable(source, sha256, exc) from None
             return read_state_dict(converted)
 
     def acquire(self, source: Source, from_dir: Path | None = None) -> Artifact:
@@ -241,7 +360,7 @@ class ArtifactStore:
         key = self._post_key(source, sha256)
         target = self.converted_path(key)
         if not target.exists():
-            tensors = self._load(source, raw)
+            tensors = self._load(source, raw, sha256)
             if source.select_prefix:
                 tensors = select_prefix(tensors, source.select_prefix)
             if source.convert == "hf_clip_vision":
