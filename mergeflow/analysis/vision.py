@@ -9,8 +9,6 @@ Every trained model is written with a fingerprint of its inputs and settings and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,8 +26,8 @@ from mergeflow.analysis.soups import (
     templates,
     uniform_soup,
 )
-from mergeflow.checkpoint import read_state_dict, stored_fingerprint
-from mergeflow.codeid import code_identity
+from mergeflow.artefacts import artefact_fingerprint, is_current
+from mergeflow.checkpoint import read_state_dict
 from mergeflow.writer import save_state_dict
 from mergeflow.zoo.vision_data import DATASETS, ImageSet, fashion_mnist, split_indices, to_inputs
 from mergeflow.zoo.vision_model import accuracy, fit_linear_probe, make_classifier, predict, train
@@ -59,14 +57,12 @@ class VisionAnalysisConfig(BaseModel):
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
-    """Identity of a built artefact: what it is built from, and the code that builds it."""
-    record = {**record, "code": code_identity(__name__)}
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return artefact_fingerprint(record, __name__)
 
 
 def _trained(path: Path, fingerprint: str, build: Any) -> dict[str, torch.Tensor]:
     """The state at ``path`` if its fingerprint matches, else ``build()`` written atomically."""
-    if stored_fingerprint(path) == fingerprint:
+    if is_current(path, fingerprint):
         return read_state_dict(path)
     state = {k: v.detach().clone() for k, v in build().items()}  # a copy: build() may return live parameters
     save_state_dict(path, state, {"mergeflow.fingerprint": fingerprint})

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from mergeflow.artefacts import load_strict
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.clip.datasets import Images, checked_labels, open_images, validation_split
 from mergeflow.clip.heads import OpenClipText, cached_head
 from mergeflow.clip.models import Preprocess, create_model
 from mergeflow.clip.tasks import task_spec
 from mergeflow.devices import resolve_device
-from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.errors import ConfigError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.presets import get_preset
 from mergeflow.sources import OpenClipSource, Source
@@ -266,11 +267,7 @@ class ClipEvaluator(Evaluator):
     def load(self, state: Mapping[str, torch.Tensor], tag: str | None = None) -> None:
         if tag is not None and tag == self._loaded:
             return
-        missing, unexpected = self.tower.load_state_dict(dict(state), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"weights do not fit the image tower: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        load_strict(self.tower, state, "the image tower")
         self._loaded = tag
 
     def features(self, images: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -14,7 +14,6 @@ rerun after a crash resumes and a rerun with nothing changed does nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -23,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeflow.checkpoint import read_state_dict, stored_fingerprint
-from mergeflow.codeid import code_identity
+from mergeflow.artefacts import artefact_fingerprint, is_current
+from mergeflow.checkpoint import read_state_dict
 from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
@@ -58,13 +57,7 @@ class TextZooConfig(BaseModel):
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
-    """Identity of a built artefact: what it is built from, and the code that builds it."""
-    record = {**record, "code": code_identity(__name__)}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def _up_to_date(path: Path, fingerprint: str) -> bool:
-    return stored_fingerprint(path) == fingerprint
+    return artefact_fingerprint(record, __name__)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -80,7 +73,7 @@ def build_text_zoo(directory: str | Path, cfg: TextZooConfig | None = None) -> d
     if cfg.layers is not None:  # a cut model (tests) is its own θ0
         base_state = {k: v for k, v in base_state.items() if not _beyond(k, cfg.layers)}
     theta0_fp = _fingerprint({"source": MINILM_SHA256, "layers": cfg.layers})
-    if not _up_to_date(theta0, theta0_fp):
+    if not is_current(theta0, theta0_fp):
         save_state_dict(
             theta0, base_state, {"mergeflow.fingerprint": theta0_fp, "mergeflow.source_sha256": MINILM_SHA256}
         )
@@ -103,13 +96,13 @@ def build_text_zoo(directory: str | Path, cfg: TextZooConfig | None = None) -> d
         head_path = root / "heads" / f"{name}.safetensors"
         head_fp = _fingerprint({"theta0": theta0_sha, "classes": data["classes"], "templates": data["templates"],
                                 "logit_scale": cfg.logit_scale, "max_length": cfg.max_length})  # fmt: skip
-        if not _up_to_date(head_path, head_fp):
+        if not is_current(head_path, head_fp):
             head = zero_shot_head(encoder, task.classes, task.templates, cfg.logit_scale)
             save_state_dict(head_path, {"weight": head}, {"mergeflow.fingerprint": head_fp, "mergeflow.task": name})
         model_path = root / "models" / f"{name}.safetensors"
         model_fp = _fingerprint({"theta0": theta0_sha, "data": data["sha256"], "head": head_fp, "seed": cfg.seed,
                                  "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr})  # fmt: skip
-        if not _up_to_date(model_path, model_fp):
+        if not is_current(model_path, model_fp):
             t0 = time.perf_counter()
             head = read_state_dict(head_path)["weight"]
             tuned = load_text_encoder(base_state, layers=cfg.layers, max_length=cfg.max_length)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mergeflow.artefacts import load_strict
 from mergeflow.checkpoint import read_state_dict
-from mergeflow.errors import CheckpointError
 from mergeflow.zoo.build import TextZooConfig
 from mergeflow.zoo.evaluation import Batch, Evaluator
 from mergeflow.zoo.text_model import encoder_weights, load_text_encoder
@@ -58,9 +58,7 @@ class TextEvaluator(Evaluator):
         """Put ``state`` into the encoder (skipped when ``tag`` names the state already loaded)."""
         if tag is not None and tag == self._loaded:
             return
-        missing, unexpected = self.encoder.model.load_state_dict(encoder_weights(state), strict=False)
-        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-            raise CheckpointError(f"weights do not fit the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        load_strict(self.encoder.model, encoder_weights(state), "the encoder", may_lack=("position_ids",))
         self._loaded = tag
 
     def embed(self, inputs: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

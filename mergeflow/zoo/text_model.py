@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mergeflow.artefacts import load_strict
 from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.hashing import sha256_file_cached
 
@@ -78,9 +79,7 @@ def load_text_encoder(
         model = AutoModel.from_config(config)
         model.load_state_dict(encoder_weights(read_state_dict(folder / "model.safetensors")), strict=False)
     if state is not None:
-        missing, unexpected = model.load_state_dict(encoder_weights(state), strict=False)
-        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-            raise CheckpointError(f"weights do not fit MiniLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        load_strict(model, encoder_weights(state), "MiniLM", may_lack=("position_ids",))
     return TextEncoder(model.eval(), tokenizer, max_length)
 
 

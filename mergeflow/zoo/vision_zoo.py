@@ -17,7 +17,6 @@ Every step is skipped when its output exists with the same fingerprint, so a rer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -28,9 +27,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeflow.checkpoint import read_state_dict, stored_fingerprint
-from mergeflow.codeid import code_identity
-from mergeflow.errors import CheckpointError, MergeflowError
+from mergeflow.artefacts import artefact_fingerprint, is_current, load_strict
+from mergeflow.checkpoint import read_state_dict
+from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
 from mergeflow.zoo.evaluation import Evaluator
@@ -63,9 +62,7 @@ class VisionZooConfig(BaseModel):
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
-    """Identity of a built artefact: what it is built from, and the code that builds it."""
-    record = {**record, "code": code_identity(__name__)}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return artefact_fingerprint(record, __name__)
 
 
 def _split_sizes(n: int, cfg: VisionZooConfig) -> dict[str, int]:
@@ -85,7 +82,7 @@ def build_vision_zoo(directory: str | Path, cfg: VisionZooConfig | None = None) 
     theta0 = root / "models" / "pretrained.safetensors"
     pre_fp = _fingerprint({"data": pre.digest(), "n": cfg.pretrain_examples, "epochs": cfg.pretrain_epochs,
                            "lr": cfg.lr, "seed": cfg.seed, "arch": "vit-tiny"})  # fmt: skip
-    if stored_fingerprint(theta0) != pre_fp:
+    if not is_current(theta0, pre_fp):
         index = split_indices(len(pre.labels), {"pre": cfg.pretrain_examples}, cfg.seed)["pre"]
         model = make_classifier("vit-tiny", len(pre.classes), cfg.seed)
         losses = train(
@@ -110,7 +107,7 @@ def build_vision_zoo(directory: str | Path, cfg: VisionZooConfig | None = None) 
         data_path = root / "data" / f"{name}.safetensors"
         data_fp = _fingerprint({"source": data.digest(), "sizes": {k: len(v) for k, v in parts.items()},
                                 "seed": cfg.seed})  # fmt: skip
-        if stored_fingerprint(data_path) != data_fp:
+        if not is_current(data_path, data_fp):
             save_state_dict(data_path, tensors, {"mergeflow.fingerprint": data_fp,
                                                  "mergeflow.classes": json.dumps(list(data.classes))})  # fmt: skip
         data_sha = sha256_file_cached(data_path)
@@ -118,7 +115,7 @@ def build_vision_zoo(directory: str | Path, cfg: VisionZooConfig | None = None) 
         head_fp = _fingerprint({"theta0": theta0_sha, "data": data_sha})
         model = make_classifier("vit-tiny", len(data.classes), cfg.seed)
         model.tower.load_state_dict(tower0)
-        if stored_fingerprint(head_path) != head_fp:
+        if not is_current(head_path, head_fp):
             features = predict(model, tensors["train.images"], "features")
             probe = fit_linear_probe(features, tensors["train.labels"], len(data.classes))
             save_state_dict(head_path, {k: v.detach().contiguous() for k, v in probe.state_dict().items()},
@@ -127,7 +124,7 @@ def build_vision_zoo(directory: str | Path, cfg: VisionZooConfig | None = None) 
         model_path = root / "models" / f"{name}.safetensors"
         model_fp = _fingerprint({"theta0": theta0_sha, "data": data_sha, "head": head_fp, "epochs": cfg.epochs,
                                  "lr": cfg.lr, "seed": cfg.seed})  # fmt: skip
-        if stored_fingerprint(model_path) != model_fp:
+        if not is_current(model_path, model_fp):
             t0 = time.perf_counter()
             for parameter in model.head.parameters():
                 parameter.requires_grad_(False)  # the head stays frozen: only the tower is fine-tuned
@@ -160,9 +157,7 @@ class VisionEvaluator(Evaluator):
     def load(self, state: Mapping[str, torch.Tensor], tag: str | None = None) -> None:
         if tag is not None and tag == self._loaded:
             return
-        missing, unexpected = self.model.tower.load_state_dict(dict(state), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"weights do not fit the tower: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        load_strict(self.model.tower, state, "the tower")
         self._loaded = tag
 
     def logits(self, task: str, images: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
