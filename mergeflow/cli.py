@@ -46,16 +46,7 @@ def methods_help() -> str:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.engine import merge_checkpoints
 
-    pretrained, finetuned = args.pretrained, args.finetuned
-    if args.manifest:
-        if pretrained or finetuned:
-            raise MergeflowError("give either --manifest or --pretrained/--finetuned, not both")
-        from mergeflow.manifest import read_manifest
-
-        manifest = read_manifest(args.manifest)
-        pretrained, finetuned = manifest.pretrained, manifest.finetuned
-    elif not (pretrained and finetuned):
-        raise MergeflowError("--pretrained and --finetuned (or --manifest) are required")
+    pretrained, finetuned = _inputs(args)
     result = merge_checkpoints(
         args.method,
         pretrained,
@@ -70,6 +61,48 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     for path in result.outputs:
         sys.stdout.write(f"{path}\n")
     return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from mergeflow.adamerging import AdaMergingParams
+    from mergeflow.adaptation import adapt_checkpoints, load_evaluator
+
+    pretrained, finetuned = _inputs(args)
+    try:
+        params = AdaMergingParams(**parse_assignments(args.set))
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise MergeflowError(f"invalid AdaMerging parameters: {_pydantic_detail(exc)}") from None
+    options = parse_assignments(args.evaluator_option)
+    evaluator = load_evaluator(args.evaluator, options)
+    evaluator_id = json.dumps({"evaluator": args.evaluator, "options": options}, sort_keys=True, default=str)
+    result = adapt_checkpoints(pretrained, finetuned, evaluator, params, args.output, evaluator_id=evaluator_id,
+                               device=args.device)  # fmt: skip
+    history = result["history"]
+    if history:
+        sys.stdout.write(f"entropy {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} steps\n")
+    sys.stdout.write(f"{result['output']}\n")
+    return 0
+
+
+def _pydantic_detail(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors())
+
+
+def _inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """θ0 and the fine-tunes from --pretrained/--finetuned or --manifest."""
+    if args.manifest:
+        if args.pretrained or args.finetuned:
+            raise MergeflowError("give either --manifest or --pretrained/--finetuned, not both")
+        from mergeflow.manifest import read_manifest
+
+        manifest = read_manifest(args.manifest)
+        return manifest.pretrained, manifest.finetuned
+    if not (args.pretrained and args.finetuned):
+        raise MergeflowError("--pretrained and --finetuned (or --manifest) are required")
+    return args.pretrained, list(args.finetuned)
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
@@ -278,6 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--trust-pickle", action="store_true", help="allow .pt files that unpickle arbitrary objects")
     merge.add_argument("--force", action="store_true", help="recompute even if the output is up to date")
     merge.set_defaults(func=_cmd_merge)
+
+    adapt = sub.add_parser(
+        "adapt",
+        help="AdaMerging on your own checkpoints: coefficients learned on your evaluator's unlabelled batches",
+        description="The evaluator is PACKAGE.MODULE:FACTORY; FACTORY(**options) returns an object with tasks, "
+        "module, sample_unlabelled(task, count, generator) and logits_with(task, inputs, params) "
+        "(see mergeflow/adaptation.py). Parameters (--set): over, steps, lr, init, clip, batch_size, seed, rank_ratio.",
+    )
+    adapt.add_argument("--pretrained", metavar="PATH", help="θ0")
+    adapt.add_argument("--finetuned", nargs="+", metavar="PATH", help="θ1 ... θT, in the evaluator's task order")
+    adapt.add_argument("--manifest", metavar="FILE", help="θ0 and fine-tunes from a `mergeflow acquire` manifest")
+    adapt.add_argument("--evaluator", required=True, metavar="MODULE:FACTORY")
+    adapt.add_argument("--evaluator-option", action="append", default=[], metavar="KEY=VALUE")
+    adapt.add_argument("--output", required=True, metavar="PATH")
+    adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="AdaMerging parameter")
+    adapt.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    adapt.set_defaults(func=_cmd_adapt)
 
     example = sub.add_parser("example", help="write small synthetic θ0 + fine-tunes (open_clip or BERT shapes)")
     example.add_argument("--output", required=True, metavar="DIR")
