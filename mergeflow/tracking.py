@@ -7,7 +7,6 @@ The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a team server), else a loc
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -94,7 +93,9 @@ def log_report(report: dict[str, Any], out_dir: str | Path, uri: str | None = No
     from mergeflow.zoo.plots import PLOTS
 
     out_dir = Path(out_dir)
-    zoo = json.loads((Path(report["zoo"]) / "zoo.json").read_text())
+    from mergeflow.zoo.description import read_zoo
+
+    zoo = read_zoo(report["zoo"])
     mlflow.set_tracking_uri(uri or tracking_uri())
     mlflow.set_experiment(f"mergeflow/{zoo.get('name', 'zoo')}")
     tags = lineage_tags(zoo)

@@ -3,12 +3,12 @@ scored on validation; per rank, the best scaling on validation is then scored on
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.selection import evaluate_baselines, grid_points, normalized, score_grid_points
 
 log = logging.getLogger("mergeflow.analysis")
@@ -18,7 +18,7 @@ def cart_rank_curve(
     zoo_dir: str | Path, ranks: Sequence[float], scalings: Sequence[float], out_dir: str | Path, device: str = "auto"
 ) -> dict[str, Any]:
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
-    tasks = list(json.loads((zoo_dir / "zoo.json").read_text())["tasks"])
+    tasks = list(read_zoo(zoo_dir)["tasks"])
     individual = evaluate_baselines(zoo_dir, out_dir)["individual"]
     points = grid_points({}, {"rank_ratio": list(ranks), "scaling": list(scalings)})
     validation, _ = score_grid_points(zoo_dir, "cart", points, out_dir, "validation", device, keep_basis=True)

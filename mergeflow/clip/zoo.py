@@ -37,6 +37,7 @@ from mergeflow.hashing import sha256_file_cached
 from mergeflow.presets import get_preset
 from mergeflow.sources import OpenClipSource, Source
 from mergeflow.writer import write_text_atomic
+from mergeflow.zoo.description import read_zoo, write_zoo
 from mergeflow.zoo.evaluation import Evaluator
 
 log = logging.getLogger("mergeflow.clip")
@@ -208,7 +209,7 @@ def build_clip_zoo(directory: str | Path, cfg: ClipZooConfig | None = None) -> d
         }  # fmt: skip
         sizes = [len(manifest["splits"][s]["indices"]) for s in SPLITS]
         log.info("%s: head %s, %d validation / %d test examples", task, "reused" if hit else "built", *sizes)
-    write_text_atomic(root / "zoo.json", json.dumps(zoo, indent=1, ensure_ascii=False))
+    write_zoo(root, zoo)
     log.info("clip zoo ready in %s (%.0f s)", root, time.perf_counter() - start)
     return zoo
 
@@ -229,7 +230,7 @@ class ClipEvaluator(Evaluator):
     logits = head · normalise(tower(x)); accuracy is top-1, loss the mean cross-entropy."""
 
     def __init__(self, zoo_dir: str | Path):
-        self.zoo = json.loads((Path(zoo_dir) / "zoo.json").read_text())
+        self.zoo = read_zoo(zoo_dir)
         self.cfg = ClipZooConfig(**self.zoo["config"])
         self.tasks: list[str] = list(self.zoo["tasks"])
         self.tower = create_model(self.zoo["model"]).visual

@@ -27,6 +27,7 @@ from mergeflow.checkpoint import read_state_dict
 from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict, write_text_atomic
+from mergeflow.zoo.description import write_zoo
 from mergeflow.zoo.text_data import TASK_BUILDERS, make_splits, manifest
 from mergeflow.zoo.text_model import MINILM_SHA256, finetune, load_text_encoder, minilm_dir, zero_shot_head
 
@@ -126,7 +127,7 @@ def build_text_zoo(directory: str | Path, cfg: TextZooConfig | None = None) -> d
             "head": str(head_path),
             "model": str(model_path),
         }
-    _write_json(root / "zoo.json", zoo)  # no timings inside: an up-to-date rebuild writes identical bytes
+    write_zoo(root, zoo)  # no timings inside: an up-to-date rebuild writes identical bytes
     log.info("text-minilm zoo ready in %s (%.0f s)", root, time.perf_counter() - start)
     return zoo
 

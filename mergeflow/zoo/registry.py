@@ -9,7 +9,6 @@ so adding a zoo means one new module and one entry below. The evaluation helpers
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ from pydantic import BaseModel
 
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.clip.zoo import ClipEvaluator, ClipZooConfig, build_clip_zoo, data_digests
-from mergeflow.errors import ConfigError, MergeflowError
+from mergeflow.errors import ConfigError
 from mergeflow.hashing import sha256_files_cached
 from mergeflow.zoo.build import TextZooConfig, build_text_zoo
+from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.evaluation import Evaluator
 from mergeflow.zoo.text_data import source_hashes
 from mergeflow.zoo.text_evaluator import TextEvaluator
@@ -68,20 +68,6 @@ def zoo_sources(name: str, settings: dict[str, Any]) -> dict[str, str]:
     the content digest of each task's train and test data (file hashes cached by stat)."""
     zoo = get_zoo(name)
     return zoo.sources(zoo.config(**settings))
-
-
-def read_zoo(zoo_dir: str | Path) -> dict[str, Any]:
-    """A built zoo's ``zoo.json`` (one line naming the folder when it is missing or unreadable)."""
-    path = Path(zoo_dir) / "zoo.json"
-    try:
-        zoo = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MergeflowError(f"{path}: no zoo here; build it first (mergeflow zoo build)") from None
-    except (OSError, ValueError) as exc:
-        raise MergeflowError(f"{path}: unreadable zoo description ({exc})") from None
-    if not isinstance(zoo, dict) or not isinstance(zoo.get("tasks"), dict) or "theta0" not in zoo:
-        raise MergeflowError(f"{path}: not a zoo description (needs 'theta0' and 'tasks')")
-    return zoo
 
 
 def make_evaluator(zoo_dir: str | Path) -> Evaluator:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.writer import write_text_atomic
+from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.plots import PLOTS, plot_report
-from mergeflow.zoo.registry import read_zoo
 from mergeflow.zoo.selection import mean, normalized
 
 __all__ = ["PLOTS", "assemble_report", "render"]

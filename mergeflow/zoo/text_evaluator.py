@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mergeflow.artefacts import load_strict
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.zoo.build import TextZooConfig
+from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.evaluation import Batch, Evaluator
 from mergeflow.zoo.text_model import encoder_weights, load_text_encoder
 
@@ -25,7 +26,7 @@ class TextEvaluator(Evaluator):
 
     def __init__(self, zoo_dir: str | Path, batch_size: int = 64):
         self.zoo_dir = Path(zoo_dir)
-        self.zoo = json.loads((self.zoo_dir / "zoo.json").read_text())
+        self.zoo = read_zoo(self.zoo_dir)
         cfg = TextZooConfig(**self.zoo["config"])
         self.encoder = load_text_encoder(layers=cfg.layers, max_length=cfg.max_length)
         self.tasks: list[str] = list(self.zoo["tasks"])

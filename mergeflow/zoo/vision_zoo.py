@@ -31,7 +31,8 @@ from mergeflow.artefacts import artefact_fingerprint, is_current, load_strict
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
-from mergeflow.writer import save_state_dict, write_text_atomic
+from mergeflow.writer import save_state_dict
+from mergeflow.zoo.description import read_zoo, write_zoo
 from mergeflow.zoo.evaluation import Evaluator
 from mergeflow.zoo.vision_data import DATASETS, split_indices, to_inputs
 from mergeflow.zoo.vision_model import fit_linear_probe, make_classifier, predict, train
@@ -137,7 +138,7 @@ def build_vision_zoo(directory: str | Path, cfg: VisionZooConfig | None = None) 
                      time.perf_counter() - t0, sum(losses[-10:]) / min(10, len(losses)))  # fmt: skip
         zoo["tasks"][name] = {"classes": list(data.classes), "data": str(data_path), "data_sha256": data_sha,
                               "head": str(head_path), "model": str(model_path)}  # fmt: skip
-    write_text_atomic(root / "zoo.json", json.dumps(zoo, indent=1, ensure_ascii=False))
+    write_zoo(root, zoo)
     log.info("vision-tiny zoo ready in %s (%.0f s)", root, time.perf_counter() - start)
     return zoo
 
@@ -146,7 +147,7 @@ class VisionEvaluator(Evaluator):
     """Evaluates tower state dicts on every task of a vision zoo, with the frozen probe heads."""
 
     def __init__(self, zoo_dir: str | Path, batch_size: int = 512):
-        self.zoo = json.loads((Path(zoo_dir) / "zoo.json").read_text())
+        self.zoo = read_zoo(zoo_dir)
         self.tasks: list[str] = list(self.zoo["tasks"])
         self.data = {t: read_state_dict(info["data"]) for t, info in self.zoo["tasks"].items()}
         self.heads = {t: read_state_dict(info["head"]) for t, info in self.zoo["tasks"].items()}
