@@ -2,6 +2,7 @@
 
 Matrices are the 2-D keys picked by the selector (``all_2d`` by default, as in FusionBench); every
 other float key becomes the mean task vector. The result is θ0 + scaling·merged for every key.
+Every factorization (``top_svd``, ``polar``, ``svd``) is one of mergeflow.linalg's robust kernels.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergeflow.linalg import polar, top_svd
+from mergeflow.linalg import polar, svd, top_svd
 from mergeflow.methods.averaging import task_vector_sum
 from mergeflow.methods.registry import MatrixParams, Merger, register
 
@@ -38,8 +39,11 @@ def tsv_merge(taus: torch.Tensor, solver: str = "gram") -> torch.Tensor:
 
 
 def iso_c_merge(task_sum: torch.Tensor) -> torch.Tensor:
-    """Isotropic merge: Σt τt = U diag(s) Vh  ↦  mean(s) · U Vh (mean over all min(m, n) values)."""
-    u, s, vh = torch.linalg.svd(task_sum, full_matrices=False)
+    """Isotropic merge: Σt τt = U diag(s) Vh  ↦  mean(s) · U Vh (mean over all min(m, n) values).
+
+    The SVD is ``mergeflow.linalg.svd``: a LAPACK convergence failure falls back to other solvers.
+    """
+    u, s, vh = svd(task_sum)
     return s.mean() * (u @ vh)
 
 
