@@ -44,13 +44,21 @@ log = logging.getLogger("mergeflow.engine")
 
 
 class Sink(Protocol):
-    """Where merged tensors go: a file writer, or anything with the same three calls.
-
-    A sink with ``keeps_compute_dtype = True`` (grid bases) receives float results in the compute
-    dtype, before the cast to the checkpoint's dtype; other sinks receive the cast tensors.
-    """
+    """Where merged tensors go: a file writer, or anything with the same three calls. Float results
+    arrive cast to the checkpoint's dtype."""
 
     def write(self, key: str, tensor: torch.Tensor) -> None: ...
+
+    def commit(self) -> Any: ...
+
+    def abort(self) -> None: ...
+
+
+class PartsSink(Protocol):
+    """Where the (A, D) pairs of an affine stream go (grid bases): θ(λ) = A + λ·D per key, in the
+    compute dtype, before any cast; ``direction`` is None for keys that do not move with λ."""
+
+    def write_parts(self, key: str, anchor: torch.Tensor, direction: torch.Tensor | None) -> None: ...
 
     def commit(self) -> Any: ...
 
@@ -274,15 +282,20 @@ def stream_merge(
     checkpoints: CheckpointSet,
     method: str,
     params_grid: Sequence[MethodParams],
-    sinks: Sequence[Sequence[Sink]],
+    sinks: Sequence[Sequence[Sink]] | Sequence[Sequence[PartsSink]],
     *,
     device: torch.device,
     dtype: torch.dtype,
+    parts: bool = False,
 ) -> None:
     """Merge every key for each parameter set of ``method`` and stream results into ``sinks``.
 
     ``sinks[g]`` holds one sink for grid point ``g`` (or T sinks, in the user's task order, for
-    per-task methods). Sinks are committed at the end, or aborted on any error.
+    per-task methods). With ``parts`` the sinks are :class:`PartsSink` and receive each key's (A, D)
+    from the method's ``affine_grid`` in the compute dtype (grid bases; θ(λ) = A + λ·D is formed by
+    the reader, as ``merge`` forms it); otherwise they receive merged tensors cast to each key's
+    checkpoint dtype. Every tensor handed over is checked finite. Sinks are committed at the end,
+    or aborted on any error.
     """
     spec = get_method(method)
     ctx = MergeContext(len(checkpoints.finetuned), checkpoints.layout, device, dtype, checkpoints.task_order)
@@ -290,16 +303,33 @@ def stream_merge(
     source = _Source(checkpoints, device, dtype)
     all_sinks = [s for group in sinks for s in group]
 
-    def put(sink: Sink, key: str, tensor: torch.Tensor, meta: TensorMeta) -> None:
-        out = tensor if getattr(sink, "keeps_compute_dtype", False) else tensor.to(meta.dtype)
+    def finite(key: str, out: torch.Tensor, before: torch.Tensor, what: str = "") -> None:
         if not all_finite(out):
             bad = int((~torch.isfinite(out)).sum())
-            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+            peak = float(before.abs().max()) if before.numel() else 0.0
             raise NumericalError(
-                f"{method}: merged key {key!r} has {bad} non-finite value(s) in {out.dtype} (largest |value| before "
-                f"the cast {peak:.3g}); lower the scaling or merge into a wider dtype"
+                f"{method}: merged key {key!r}{what} has {bad} non-finite value(s) in {out.dtype} (largest |value| "
+                f"before the cast {peak:.3g}); lower the scaling or merge into a wider dtype"
             )
+
+    def put(sink: Any, key: str, result: Any, meta: TensorMeta) -> None:
+        if parts:
+            anchor, direction = result
+            finite(key, anchor, anchor, " (anchor)")
+            if direction is not None:
+                finite(key, direction, direction, " (direction)")
+            sink.write_parts(key, anchor, direction)
+            return
+        out = result.to(meta.dtype)
+        finite(key, out, result)
         sink.write(key, out)
+
+    def results_of(key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Iterable[Any]:
+        if parts:
+            return mergers[0].affine_grid(key, base, tuned, mergers)
+        if len(mergers) == 1:
+            return [mergers[0].merge(key, base, tuned)]
+        return mergers[0].merge_grid(key, base, tuned, mergers)  # lazily: one point's tensor at a time
 
     try:
         for merger in mergers:
@@ -317,20 +347,19 @@ def stream_merge(
                             f"{reader.path}: non-float key {key!r} differs from the pretrained checkpoint's"
                         )
                 for sink in all_sinks:
-                    sink.write(key, base_raw)
+                    if parts:
+                        sink.write_parts(key, base_raw, None)  # type: ignore[union-attr]
+                    else:
+                        sink.write(key, base_raw)  # type: ignore[union-attr]
             else:
                 base = base_raw.to(device=device, dtype=dtype)
                 tuned = [t.to(device=device, dtype=dtype) for t in tuned_raw]
                 del tuned_raw
                 try:
-                    if len(mergers) == 1:
-                        results: Iterable[torch.Tensor | list[torch.Tensor]] = [mergers[0].merge(key, base, tuned)]
-                    else:  # produced lazily: one grid point's tensor in memory at a time
-                        results = mergers[0].merge_grid(key, base, tuned, mergers)
-                    for group, result in zip(sinks, results, strict=True):
+                    for group, result in zip(sinks, results_of(key, base, tuned), strict=True):
                         if isinstance(result, list):  # per-task outputs, canonical order -> user order
-                            for position, tensor in enumerate(result):
-                                put(group[checkpoints.task_order[position]], key, tensor, meta)
+                            for position, item in enumerate(result):
+                                put(group[checkpoints.task_order[position]], key, item, meta)
                         else:
                             put(group[0], key, result, meta)
                 except NumericalError as exc:

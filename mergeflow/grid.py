@@ -1,19 +1,18 @@
 """Parameter grids from few merges.
 
-Every merge method here is affine in its ``scaling`` λ: θ(λ) = A + λ·D, where A is the merge at
-λ = 0 (θ0 for task arithmetic/TIES/TSV/Iso, θ_avg for CART) and D = θ(1) − A. A grid over λ and
-the other parameters therefore needs one streamed pass that merges, per distinct setting g of the
-other parameters, the two points (g, λ=0) and (g, λ=1); the method's ``merge_grid`` shares work
-across them (CART: one truncated SVD per task and matrix at the largest rank, reused for every
-rank and every λ). The pass stores a *basis* on disk: the anchors A (one shared copy where they
-coincide) and the nonzero parts of every D, both in the compute dtype (float32, or float64), taken
-*before* the cast to the checkpoint's dtype. Any grid point is then A + λ·D, formed in the compute
-dtype and cast once to the checkpoint's dtype, exactly as a direct merge casts its result: for
-bfloat16 and float16 models a grid point equals the direct merge to float32 round-off before that
-final cast (a basis of already-cast tensors would move a bf16 point by most of its change).
+Every method with a ``scaling`` λ is affine in it by declaration (mergeflow.methods.registry): for each
+key it returns its anchor and direction (A, D), and its direct merge is θ(λ) = A + λ·D. A grid over λ
+and the other parameters therefore needs one streamed pass that asks the method's ``affine_grid`` for
+(A, D) at each distinct setting g of the other parameters (CART shares one truncated SVD per task and
+matrix at the largest rank across every rank). The pass stores a *basis* on disk: the anchors (one
+shared copy where they coincide) and the nonzero directions, in the compute dtype (float32, or
+float64), before any cast to the checkpoint's dtype. Any grid point is then A + λ·D formed in the
+compute dtype and cast once to each key's checkpoint dtype: the same arithmetic on the same (A, D) as
+a direct merge, so a grid point equals the direct merge with the same parameters bit for bit, in every
+checkpoint dtype, except where ``affine_grid`` shares work across settings (CART's shared SVD: equal to
+float round-off). Methods without ``scaling`` store their merge as the anchor.
 
-The basis reproduces a direct merge up to float32 round-off (|error| ≤ a few ulp of |A| + |λ·D|);
-selection uses it on the validation split only, and the chosen point is merged again exactly.
+Selection uses the basis on the validation split only, and the chosen point is merged again directly.
 """
 
 from __future__ import annotations
@@ -56,37 +55,21 @@ def scaling_groups(method: str, points: Sequence[Mapping[str, Any]]) -> list[dic
     return list(groups.values())
 
 
-class _PairSinks:
-    """Receives (λ=0, λ=1) tensors of one grid group and one output, in the compute dtype (before the
-    cast to the checkpoint's dtype); keeps anchor A and direction D = θ(1) − A."""
+class _BasisSink:
+    """The (A, D) pairs of one grid group and one output; an anchor equal to the shared copy (the
+    first seen for the key, common to all groups) is not stored again, a zero direction not at all."""
 
     def __init__(self, shared: dict[str, torch.Tensor]):
-        self.shared = shared  # the first anchor seen per key, common to all groups
+        self.shared = shared
         self.own_anchor: dict[str, torch.Tensor] = {}
         self.direction: dict[str, torch.Tensor] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self.zero, self.one = _Half(self, 0), _Half(self, 1)
 
-    def receive(self, half: int, key: str, tensor: torch.Tensor) -> None:
-        if half == 0:
-            self._pending[key] = tensor.clone()
-            return
-        anchor = self._pending.pop(key)
+    def write_parts(self, key: str, anchor: torch.Tensor, direction: torch.Tensor | None) -> None:
         common = self.shared.setdefault(key, anchor)
-        if not torch.equal(common, anchor):
+        if common is not anchor and not torch.equal(common, anchor):
             self.own_anchor[key] = anchor
-        if tensor.is_floating_point() and not torch.equal(tensor, anchor):
-            self.direction[key] = tensor - anchor
-
-
-class _Half:
-    keeps_compute_dtype = True  # the engine hands over results before the cast to the checkpoint dtype
-
-    def __init__(self, pair: _PairSinks, half: int):
-        self.pair, self.half = pair, half
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        self.pair.receive(self.half, key, tensor)
+        if direction is not None and bool(direction.any()):
+            self.direction[key] = direction
 
     def commit(self) -> None:
         return None
@@ -119,7 +102,6 @@ def build_grid_basis(
     """
     spec = get_method(method)
     groups = scaling_groups(method, points)
-    has_scaling = "scaling" in spec.params.model_fields
     directory = Path(directory)
     outputs = len(finetuned) if spec.per_task_outputs else 1
     inputs = [Path(pretrained), *(Path(p) for p in finetuned)]
@@ -134,17 +116,10 @@ def build_grid_basis(
     checkpoints = open_checkpoint_set(pretrained, finetuned)
     try:
         shared: dict[str, torch.Tensor] = {}
-        pairs = [[_PairSinks(shared) for _ in range(outputs)] for _ in groups]
-        params_grid, sinks = [], []
-        for group, pair in zip(groups, pairs, strict=True):
-            for half, scaling in enumerate((0.0, 1.0) if has_scaling else (None,)):
-                values = dict(group["params"]) if scaling is None else {**group["params"], "scaling": scaling}
-                params_grid.append(parse_params(method, values))
-                sinks.append([p.zero if half == 0 and has_scaling else p.one for p in pair])
-        if not has_scaling:  # no λ: the single merge is the anchor, directions stay empty
-            sinks = [[_AnchorOnly(p) for p in pair] for pair in pairs]
+        pairs = [[_BasisSink(shared) for _ in range(outputs)] for _ in groups]
+        params_grid = [parse_params(method, group["params"]) for group in groups]
         torch_device, dtype = resolve_device(device), resolve_precision(precision)
-        stream_merge(checkpoints, method, params_grid, sinks, device=torch_device, dtype=dtype)
+        stream_merge(checkpoints, method, params_grid, pairs, device=torch_device, dtype=dtype, parts=True)
         hashes = [checkpoints.pretrained_sha256, *checkpoints.finetuned_sha256]
         out_dtypes = {k: DTYPE_TO_SAFETENSORS[m.dtype] for k, m in checkpoints.layout.items() if m.is_float}
     finally:
@@ -167,23 +142,6 @@ def build_grid_basis(
     log.info("%s grid basis: %d groups, %d points, one pass in %.1f s", method, len(groups),
              sum(max(1, len(g["scalings"])) for g in groups), time.perf_counter() - start)  # fmt: skip
     return basis
-
-
-class _AnchorOnly:
-    keeps_compute_dtype = True
-
-    def __init__(self, pair: _PairSinks):
-        self.pair = pair
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        self.pair.receive(0, key, tensor)
-        self.pair.receive(1, key, tensor)
-
-    def commit(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        return None
 
 
 def _read(path: str | Path) -> dict[str, torch.Tensor]:

@@ -85,3 +85,56 @@ def test_anchor_is_shared_and_directions_are_sparse(checkpoints, tmp_path: Path)
         assert not [k for k in stored if k.startswith("anchor::")]  # θ_avg is common to every rank
         directions = {k.split("::", 1)[1] for k in stored}
         assert directions and all(("attn" in k or "mlp" in k) and "bias" not in k for k in directions)
+
+
+# Methods whose grid basis comes from the same ``affine`` call as their direct merge (no shared work
+# across settings): their grid points must equal direct merges bit for bit, in every checkpoint dtype.
+ONE_CALL = {k: v for k, v in GRIDS.items() if k not in ("cart", "cart_indexing")} | {
+    "cart": {"scaling": [0.5, 3.0], "rank_ratio": [0.25]},  # one rank: nothing shared across settings
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", sorted(ONE_CALL))
+def test_grid_points_are_direct_merges_bit_for_bit(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    base, tuned = random_state_dicts(LAYOUTS["open_clip"](), tasks=3, seed=4, dtype=dtype)
+    theta0, models = write_set(tmp_path / "in", base, tuned)
+    points = grid_points({}, ONE_CALL[method])
+    basis = build_grid_basis(method, theta0, models, points, tmp_path / "basis", device="cpu")
+    for index, group in enumerate(basis["groups"]):
+        for scaling in group["scalings"] or [None]:
+            params = {**group["params"], **({} if scaling is None else {"scaling": scaling})}
+            out = tmp_path / f"{index}-{scaling}.safetensors"
+            (path,) = merge_checkpoints(method, theta0, models, out, params, device="cpu").outputs
+            (state,) = point_states(basis, index, scaling)
+            direct = load(path)
+            assert state.keys() == direct.keys()
+            for key, tensor in direct.items():
+                assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), (method, params, key)
+
+
+def test_the_registry_holds_affine_methods_to_one_code_path() -> None:
+    """A method with ``scaling`` implements affine() only; one without implements merge()."""
+    from mergeflow.methods.registry import Merger, MethodParams, register
+
+    class Scaled(MethodParams):
+        scaling: float = 1.0
+
+    class MergesDirectly(Merger):
+        def merge(self, key, base, tuned):  # type: ignore[override]
+            return base
+
+    class NoAffine(Merger):
+        pass
+
+    class Unscaled(MethodParams):
+        pass
+
+    class AffineOnly(Merger):
+        def affine(self, key, base, tuned):  # type: ignore[override]
+            return base, None
+
+    for params, cls, says in ((Scaled, MergesDirectly, "affine"), (Scaled, NoAffine, "affine"),
+                              (Unscaled, AffineOnly, "merge()")):  # fmt: skip
+        with pytest.raises(RuntimeError, match=says):
+            register(f"test-{cls.__name__}-{params.__name__}", params, "test")(cls)

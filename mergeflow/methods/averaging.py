@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergeflow.methods.registry import Merger, MethodParams, register
+from mergeflow.methods.registry import Affine, Merger, MethodParams, register
 
 
 def weight_average(tuned: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -24,11 +24,6 @@ def task_vector_sum(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.
     for tensor in tuned[1:]:
         total += tensor - base
     return total
-
-
-def task_arithmetic(base: torch.Tensor, tuned: Sequence[torch.Tensor], scaling: float) -> torch.Tensor:
-    """θ0 + scaling · Σt τt."""
-    return base + scaling * task_vector_sum(base, tuned)
 
 
 class WeightAverageParams(MethodParams):
@@ -49,5 +44,6 @@ class WeightAverage(Merger):
 class TaskArithmetic(Merger):
     params: TaskArithmeticParams
 
-    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
-        return task_arithmetic(base, tuned, self.params.scaling)
+    def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
+        """A = θ0, D = Σt τt."""
+        return base, task_vector_sum(base, tuned)

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.linalg import low_rank, rank_from_ratio, top_svd
-from mergeflow.methods.registry import MatrixParams, Merger, register
+from mergeflow.methods.registry import Affine, MatrixParams, Merger, register
 
 
 def _wide_average(tuned: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -93,29 +93,30 @@ class CartParams(MatrixParams):
 class Cart(Merger):
     params: CartParams
 
-    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+    def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
+        """A = θ_avg; D = Σt SVD_k(τ̄t) on selected matrices, none elsewhere."""
         if key not in self.selected:
-            return centred_average(tuned)
+            return centred_average(tuned), None
         average, centred = centred_task_vectors(tuned)
         k = rank_from_ratio(self.params.rank_ratio, tuple(base.shape))
-        return average + self.params.scaling * cart_low_rank_sum(centred, k, self.params.svd_solver)
+        return average, cart_low_rank_sum(centred, k, self.params.svd_solver)
 
-    def merge_grid(
+    def affine_grid(
         self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
-    ) -> Iterator[torch.Tensor | list[torch.Tensor]]:
-        """All (rank_ratio, scaling) points of a sweep from one factorization per task."""
+    ) -> Iterator[Affine | list[Affine]]:
+        """(A, D) of every rank of a sweep from one factorization per task."""
         shared = _shared_grid(self, key, base, tuned, grid)
         if shared is None:
-            return super().merge_grid(key, base, tuned, grid)
-        average, centred, points, ranks, solver = shared
+            return super().affine_grid(key, base, tuned, grid)
+        average, centred, ranks, solver = shared
         sums = cart_low_rank_sums(centred, ranks, solver)
-        return (average + p.scaling * sums[k] for p, k in zip(points, ranks, strict=True))
+        return ((average, sums[k]) for k in ranks)
 
 
 def _shared_grid(
     merger: Merger, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
-) -> tuple[torch.Tensor, torch.Tensor, list[CartParams], list[int], str] | None:
-    """(θ_avg, τ̄, points, ranks, solver) when every grid point is the same CART variant on the same
+) -> tuple[torch.Tensor, torch.Tensor, list[int], str] | None:
+    """(θ_avg, τ̄, ranks, solver) when every grid point is the same CART variant on the same
     selection and solver (factorizations can be shared), else None."""
     solvers = {getattr(m.params, "svd_solver", None) for m in grid}
     if (
@@ -127,7 +128,7 @@ def _shared_grid(
     average, centred = centred_task_vectors(tuned)
     points = [m.params for m in grid if isinstance(m.params, CartParams)]
     ranks = [rank_from_ratio(p.rank_ratio, tuple(base.shape)) for p in points]
-    return average, centred, points, ranks, str(solvers.pop())
+    return average, centred, ranks, str(solvers.pop())
 
 
 @register("cart_indexing", CartParams, "one model per task: θ_avg + scaling·SVD_k(θt − θ_avg)")
@@ -135,24 +136,25 @@ class CartIndexing(Merger):
     params: CartParams
     per_task_outputs = True
 
-    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> list[torch.Tensor]:
+    def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> list[Affine]:
+        """Per task t: A = θ_avg; D = SVD_k(τ̄t) on selected matrices, none elsewhere."""
         if key not in self.selected:
             average = centred_average(tuned)
-            return [average] * len(tuned)
+            return [(average, None)] * len(tuned)
         average, centred = centred_task_vectors(tuned)
         k = rank_from_ratio(self.params.rank_ratio, tuple(base.shape))
-        return [average + self.params.scaling * low_rank(tau, k, self.params.svd_solver) for tau in centred]
+        return [(average, low_rank(tau, k, self.params.svd_solver)) for tau in centred]
 
-    def merge_grid(
+    def affine_grid(
         self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
-    ) -> Iterator[torch.Tensor | list[torch.Tensor]]:
-        """All points of a sweep from one truncated SVD per task at the largest rank."""
+    ) -> Iterator[Affine | list[Affine]]:
+        """Per-task (A, D) of every rank of a sweep from one truncated SVD per task at the largest rank."""
         shared = _shared_grid(self, key, base, tuned, grid)
         if shared is None:
-            return super().merge_grid(key, base, tuned, grid)
-        average, centred, points, ranks, solver = shared
+            return super().affine_grid(key, base, tuned, grid)
+        average, centred, ranks, solver = shared
         parts = task_low_rank_parts(centred, ranks, solver)
-        return ([average + p.scaling * part for part in parts[k]] for p, k in zip(points, ranks, strict=True))
+        return ([(average, part) for part in parts[k]] for k in ranks)
 
 
 def task_low_rank_parts(

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeflow.errors import ConfigError
-from mergeflow.methods.registry import MergeContext, Merger, MethodParams, register
+from mergeflow.methods.registry import Affine, MergeContext, Merger, MethodParams, register
 
 
 def tall_masks(taus: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,7 @@ class Consensus(Merger):
             per_task = [lam] * ctx.num_tasks
         self.lambdas = torch.tensor(per_task, dtype=ctx.dtype, device=ctx.device)
 
-    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+    def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
+        """A = θ0, D = consensus mask ⊙ Σt τt."""
         taus = torch.stack(tuned) - base
-        return base + self.params.scaling * consensus_merge(taus, self.lambdas, self.params.min_tasks)
+        return base, consensus_merge(taus, self.lambdas, self.params.min_tasks)

@@ -4,6 +4,13 @@ A method is a :class:`Merger` subclass registered under a public name together w
 pydantic parameter model. That model is the single description of the method's parameters: it
 validates ``params.yaml`` entries and ``--set`` overrides, becomes Prefect flow parameters, and its
 ``model_dump`` is what MLflow records and what is written into each output's metadata.
+
+A method with a ``scaling`` parameter λ is *affine* in it and says so by construction: it implements
+only ``affine(key, θ0, [θt]) -> (A, D)``, the anchor and direction of θ(λ) = A + λ·D for one key in the
+compute dtype (D = None where the key does not move with λ). Its direct merge is ``compose`` of that
+pair, and grid bases (mergeflow.grid) store the same pairs, so a grid point A + λ·D and a direct merge
+are one computation. ``register`` refuses an affine method that overrides ``merge`` or a method
+without ``scaling`` that does not.
 """
 
 from __future__ import annotations
@@ -76,10 +83,27 @@ class TensorSource:
         raise NotImplementedError
 
 
+Affine = tuple[torch.Tensor, torch.Tensor | None]
+"""(A, D) of θ(λ) = A + λ·D for one key; D is None where the key does not depend on λ."""
+
+
+def compose(parts: Affine, scaling: float) -> torch.Tensor:
+    """θ(λ) = A + λ·D (A itself where D is None), in the dtype of A and D."""
+    anchor, direction = parts
+    return anchor if direction is None else anchor + scaling * direction
+
+
+def is_affine(params: type[MethodParams]) -> bool:
+    """Whether a method with these parameters is affine in λ: it has a ``scaling`` parameter."""
+    return "scaling" in params.model_fields
+
+
 class Merger:
     """Turns (θ0, [θt]) for one key into the merged tensor (or one tensor per task).
 
-    ``merge`` gets float tensors in the compute dtype on the compute device, tasks in canonical order.
+    ``merge`` / ``affine`` get float tensors in the compute dtype on the compute device, tasks in
+    canonical order. Affine methods (those with ``scaling``) implement ``affine`` (and, to share work
+    across grid points, ``affine_grid``); the others implement ``merge``.
     """
 
     per_task_outputs: ClassVar[bool] = False
@@ -100,13 +124,43 @@ class Merger:
         """Optional pass over the inputs (global statistics) before the streaming merge."""
 
     def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        raise NotImplementedError
+        """θ(λ) = A + λ·D from ``affine`` (per task for per-task methods); non-affine methods override it."""
+        scaling = float(self.params.scaling)  # type: ignore[attr-defined]
+        parts = self.affine(key, base, tuned)
+        if isinstance(parts, list):
+            return [compose(p, scaling) for p in parts]
+        return compose(parts, scaling)
+
+    def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine | list[Affine]:
+        """(A, D) of this key (one pair per task for per-task methods). A method without ``scaling``
+        is constant in λ: its merge is the anchor."""
+        if is_affine(type(self.params)):
+            raise NotImplementedError(f"{type(self).__name__} has a scaling parameter but no affine()")
+        result = self.merge(key, base, tuned)
+        if isinstance(result, list):
+            return [(t, None) for t in result]
+        return result, None
+
+    def affine_grid(
+        self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
+    ) -> Iterator[Affine | list[Affine]]:
+        """(A, D) of one key for several parameter sets of this method, lazily (default: one by one);
+        methods override it to share work (CART: one factorization per task for every rank)."""
+        return (merger.affine(key, base, tuned) for merger in grid)
 
     def merge_grid(
         self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]
     ) -> Iterator[torch.Tensor | list[torch.Tensor]]:
-        """Merge one key for several parameter sets of this method, lazily (default: one by one)."""
-        return (merger.merge(key, base, tuned) for merger in grid)
+        """Merge one key for several parameter sets, lazily: ``compose`` of ``affine_grid`` for affine
+        methods, one ``merge`` per set otherwise."""
+        if not is_affine(type(self.params)):
+            return (merger.merge(key, base, tuned) for merger in grid)
+
+        def composed(parts: Affine | list[Affine], merger: Merger) -> torch.Tensor | list[torch.Tensor]:
+            scaling = float(merger.params.scaling)  # type: ignore[attr-defined]
+            return [compose(p, scaling) for p in parts] if isinstance(parts, list) else compose(parts, scaling)
+
+        return (composed(parts, m) for parts, m in zip(self.affine_grid(key, base, tuned, grid), grid, strict=True))
 
 
 @dataclass(frozen=True)
@@ -138,6 +192,11 @@ def register(name: str, params: type[MethodParams], summary: str) -> Callable[[t
     def decorate(cls: type[Merger]) -> type[Merger]:
         if name in _REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
+        overrides_merge = cls.merge is not Merger.merge
+        if is_affine(params) and (overrides_merge or cls.affine is Merger.affine):
+            raise RuntimeError(f"merge method {name!r} has a scaling: it must implement affine() and not merge()")
+        if not is_affine(params) and not overrides_merge:
+            raise RuntimeError(f"merge method {name!r} has no scaling: it must implement merge()")
         _REGISTRY[name] = MethodSpec(name, params, cls, summary)
         return cls
 

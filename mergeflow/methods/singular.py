@@ -12,7 +12,7 @@ from pydantic import Field
 
 from mergeflow.linalg import polar, svd, top_svd
 from mergeflow.methods.averaging import task_vector_sum
-from mergeflow.methods.registry import MatrixParams, Merger, register
+from mergeflow.methods.registry import Affine, MatrixParams, Merger, register
 
 
 def _orthogonal_rebuild(u_cat: torch.Tensor, s_cat: torch.Tensor, vh_cat: torch.Tensor) -> torch.Tensor:
@@ -105,11 +105,11 @@ class _SingularMerger(Merger):
     def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
-        scaling = self.params.scaling  # type: ignore[attr-defined]
+    def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
+        """A = θ0; D = merge_matrix(τ) on selected matrices, the mean τ elsewhere."""
         if key not in self.selected:
-            return base + scaling * (task_vector_sum(base, tuned) / len(tuned))
-        return base + scaling * self.merge_matrix(torch.stack(tuned) - base)
+            return base, task_vector_sum(base, tuned) / len(tuned)
+        return base, self.merge_matrix(torch.stack(tuned) - base)
 
 
 @register("tsv", TsvParams, "Task Singular Vectors: per-task top ⌊r/T⌋ triplets, orthogonalised")

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergeflow.methods.registry import Merger, MethodParams, TensorSource, register
+from mergeflow.methods.registry import Affine, Merger, MethodParams, TensorSource, register
 
 
 def trim_threshold(abs_values: torch.Tensor, density: float) -> float:
@@ -101,7 +101,8 @@ class Ties(Merger):
             sign_total += int(torch.sign(trimmed.sum(dim=0)).sum().item())
         self.majority = float((sign_total > 0) - (sign_total < 0))
 
-    def merge(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+    def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
+        """A = θ0, D = disjoint merge of the trimmed, sign-elected τt."""
         taus = torch.stack(tuned) - base
         if self.params.scope == "global":
             assert self.thresholds is not None, "prepare() must run before merge()"
@@ -114,4 +115,4 @@ class Ties(Merger):
             trimmed = trim(taus, thresholds)
             zero_sign = torch.sign(torch.sign(trimmed.sum(dim=0)).sum())
         sign = elect_sign(trimmed, zero_sign)
-        return base + self.params.scaling * disjoint_merge(trimmed, sign, self.params.merge)
+        return base, disjoint_merge(trimmed, sign, self.params.merge)
