@@ -233,6 +233,9 @@ def _quiet_offline_services() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    # Prefect's local (ephemeral) server gets 20 s to start by default: on a busy 2-core machine that
+    # is not always enough, and the run then dies before any work with a timeout traceback.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

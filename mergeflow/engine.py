@@ -256,8 +256,10 @@ def output_metadata(
     device: torch.device,
     placeholder: bool = False,
 ) -> dict[str, str]:
-    """Provenance stored in every output; ``placeholder`` stands in zeros for hashes not known yet."""
+    """Provenance stored in every output; ``placeholder`` stands in zeros for hashes not known yet.
+    Per-task methods add ``mergeflow.storage``: bytes beyond θ0, shared and per task."""
     selector = params.selector()
+    cost = merger.storage_cost()
     return {
         "format": "pt",
         "mergeflow.version": mergeflow.__version__,
@@ -274,6 +276,7 @@ def output_metadata(
         ),
         "mergeflow.precision": precision,
         "mergeflow.device": device.type,
+        **({"mergeflow.storage": json.dumps(cost.record(len(checkpoints.finetuned)))} if cost else {}),
         "mergeflow.fingerprint": "0" * 64 if placeholder else fingerprint(method, params, checkpoints, precision),
     }
 

@@ -10,6 +10,7 @@ import torch
 
 from mergeflow.engine import merge_checkpoints
 from mergeflow.grid import build_grid_basis, point_states, scaling_groups
+from mergeflow.methods import get_method
 from mergeflow.zoo.selection import grid_points
 from tests.helpers import LAYOUTS, load, max_rel_diff, random_state_dicts, write_set
 
@@ -25,6 +26,16 @@ GRIDS = {
     "tsv": {"scaling": [0.5, 1.0]},
     "iso_c": {"scaling": [0.5, 1.5]},
     "iso_cts": {"scaling": [1.0, 1.5]},
+    "magmax": {"scaling": [0.5, 1.0]},
+    "dare": {"scaling": [0.3, 1.0], "drop_rate": [0.2, 0.6], "combine": ["ta", "ties"]},
+    "breadcrumbs": {"scaling": [0.4, 1.0], "density": [0.3, 0.6], "variant": ["official", "mergekit"]},
+    "pcb": {"scaling": [0.8, 1.2], "variant": ["reference", "normalized_sum"]},
+    "lines": {"beta": [0.2, 0.9], "base": ["ta", "ties"]},
+    "svc": {"alpha": [0.1, 0.5]},
+    "wudi": {"steps": [0, 3], "lr": [1e-3]},
+    "tsv_c": {"scaling": [1.0, 1.5], "sv_reduction": [0.25, 0.5]},
+    "tall_masks": {"scaling": [1.0, 0.5], "mask_lambda": [0.2, 0.6]},
+    "emr": {"scaling": [1.0, 0.8]},
 }
 
 
@@ -44,7 +55,7 @@ def test_every_grid_point_matches_a_direct_merge(method: str, checkpoints, tmp_p
     for index, group in enumerate(basis["groups"]):
         for scaling in group["scalings"] or [None]:
             params = {**group["params"], **({} if scaling is None else {"scaling": scaling})}
-            name = f"{index}-{scaling}" + ("" if method == "cart_indexing" else ".safetensors")
+            name = f"{index}-{scaling}" + ("" if get_method(method).per_task_outputs else ".safetensors")
             direct = merge_checkpoints(method, theta0, models, tmp_path / name, params, device="cpu", precision=F64)
             states = point_states(basis, index, scaling)
             assert len(states) == len(direct.outputs)
@@ -104,13 +115,15 @@ def test_grid_points_are_direct_merges_bit_for_bit(method: str, dtype: torch.dty
     for index, group in enumerate(basis["groups"]):
         for scaling in group["scalings"] or [None]:
             params = {**group["params"], **({} if scaling is None else {"scaling": scaling})}
-            out = tmp_path / f"{index}-{scaling}.safetensors"
-            (path,) = merge_checkpoints(method, theta0, models, out, params, device="cpu").outputs
-            (state,) = point_states(basis, index, scaling)
-            direct = load(path)
-            assert state.keys() == direct.keys()
-            for key, tensor in direct.items():
-                assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), (method, params, key)
+            out = tmp_path / (f"{index}-{scaling}" + ("" if get_method(method).per_task_outputs else ".safetensors"))
+            paths = merge_checkpoints(method, theta0, models, out, params, device="cpu").outputs
+            states = point_states(basis, index, scaling)
+            assert len(states) == len(paths)
+            for state, path in zip(states, paths, strict=True):
+                direct = load(path)
+                assert state.keys() == direct.keys()
+                for key, tensor in direct.items():
+                    assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), (method, params, key)
 
 
 def test_the_registry_holds_affine_methods_to_one_code_path() -> None:

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from mergeflow.methods import averaging, cart, consensus, singular, ties  # noqa: F401  (registration)
+from mergeflow.methods import (  # noqa: F401  (registration)
+    averaging,
+    breadcrumbs,
+    cart,
+    compressed,
+    consensus,
+    dare,
+    lines,
+    magmax,
+    pcb,
+    singular,
+    svc,
+    ties,
+    wudi,
+)
 from mergeflow.methods.registry import (
     MergeContext,
     Merger,

@@ -83,6 +83,19 @@ class TensorSource:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class StorageCost:
+    """Bytes a per-task method stores beyond θ0 to rebuild every task's model: ``shared`` once
+    (e.g. a merged τ), ``per_task`` for each task (its triplets, masks, rescalers)."""
+
+    shared: int
+    per_task: int
+
+    def record(self, num_tasks: int) -> dict[str, int]:
+        return {"shared_bytes": self.shared, "per_task_bytes": self.per_task, "tasks": num_tasks,
+                "total_bytes": self.shared + num_tasks * self.per_task}  # fmt: skip
+
+
 Affine = tuple[torch.Tensor, torch.Tensor | None]
 """(A, D) of θ(λ) = A + λ·D for one key; D is None where the key does not depend on λ."""
 
@@ -140,6 +153,10 @@ class Merger:
         if isinstance(result, list):
             return [(t, None) for t in result]
         return result, None
+
+    def storage_cost(self) -> StorageCost | None:
+        """Storage beyond θ0 of a per-task method's outputs (None for methods with one output)."""
+        return None
 
     def affine_grid(
         self, key: str, base: torch.Tensor, tuned: list[torch.Tensor], grid: Sequence[Merger]

@@ -87,23 +87,31 @@ class Ties(Merger):
             # One task's |τ| over the whole model: memory is one model, whatever T is.
             buffer = torch.empty(total, dtype=self.ctx.dtype, device=self.ctx.device)
             offset = 0
-            for _, base, tuned in source.iter_task(keys, task):
+            for key, base, tuned in source.iter_task(keys, task):
                 n = base.numel()
-                torch.sub(tuned, base, out=buffer[offset : offset + n].view(base.shape)).abs_()
+                buffer[offset : offset + n].view(base.shape).copy_(self.task_vector(key, task, base, tuned)).abs_()
                 offset += n
             thresholds.append(trim_threshold(buffer, self.params.density))
             del buffer
         self.thresholds = torch.tensor(thresholds, dtype=self.ctx.dtype, device=self.ctx.device)
         # Zero-sum entries take the sign of Σ γ over the whole model (a second pass).
         sign_total = 0
-        for _, base, tuned in source.iter_all(keys):
-            trimmed = trim(torch.stack(tuned) - base, self.thresholds)
+        for key, base, tuned in source.iter_all(keys):
+            trimmed = trim(self.task_vectors(key, base, tuned), self.thresholds)
             sign_total += int(torch.sign(trimmed.sum(dim=0)).sum().item())
         self.majority = float((sign_total > 0) - (sign_total < 0))
 
+    def task_vector(self, key: str, position: int, base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+        """τ of the task in canonical ``position`` for ``key``: θt − θ0 (DARE drops entries first)."""
+        return tuned - base
+
+    def task_vectors(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+        """Stacked τt of every task, canonical order."""
+        return torch.stack([self.task_vector(key, t, base, theta) for t, theta in enumerate(tuned)])
+
     def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
         """A = θ0, D = disjoint merge of the trimmed, sign-elected τt."""
-        taus = torch.stack(tuned) - base
+        taus = self.task_vectors(key, base, tuned)
         if self.params.scope == "global":
             assert self.thresholds is not None, "prepare() must run before merge()"
             thresholds, zero_sign = self.thresholds, self.majority

@@ -34,10 +34,11 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> None:
     plt.close(fig)
     _plot_grids(report, out_dir, plt)
     _plot_adaptation(report, out_dir, plt)
+    _plot_compression(report, out_dir, plt)
 
 
 PLOTS = ("accuracy_by_task.png", "cart_rank_curve.png", "cart_grid_heatmap.png", "scaling_curves.png",
-         "adaptation_entropy.png")  # fmt: skip
+         "adaptation_entropy.png", "compression.png")  # fmt: skip
 
 
 def _plot_grids(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
@@ -113,4 +114,28 @@ def _plot_adaptation(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "adaptation_entropy.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_compression(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
+    """Normalised test accuracy against MB stored per task (per-task methods; the best single merge at 0)."""
+    points = [r for r in report["rows"] if "storage" in r]
+    if not points:
+        return
+    singles = [r for r in report["rows"] if "storage" not in r and r.get("grid_points")]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for row in points:
+        x = row["storage"]["per_task_bytes"] / 1e6
+        ax.scatter([x], [100 * row["normalized"]])
+        ax.annotate(row["method"], (x, 100 * row["normalized"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if singles:
+        best = max(singles, key=lambda r: r["normalized"])
+        ax.scatter([0.0], [100 * best["normalized"]], marker="s", color="black")
+        ax.annotate(f"{best['method']} (one model)", (0.0, 100 * best["normalized"]), fontsize=7, xytext=(4, -10),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("stored per task beyond θ0 (MB)")
+    ax.set_ylabel("normalised test accuracy (%)")
+    ax.set_title("Per-task models: accuracy against storage")
+    fig.tight_layout()
+    fig.savefig(out_dir / "compression.png", dpi=110)
     plt.close(fig)

@@ -16,7 +16,7 @@ from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.plots import PLOTS, plot_report
 from mergeflow.zoo.selection import mean, normalized
 
-__all__ = ["PLOTS", "assemble_report", "render"]
+__all__ = ["PLOTS", "assemble_report", "compression_rows", "render", "render_compression"]
 
 
 def assemble_report(
@@ -52,7 +52,7 @@ def assemble_report(
     }
     write_text_atomic(out_dir / "results.json", json.dumps(report, indent=1))
     note = f"\n\nNote: {report['note']}.\n" if report["note"] and report["zoo_name"] != "text-minilm" else "\n"
-    write_text_atomic(out_dir / "report.md", render(report) + note)
+    write_text_atomic(out_dir / "report.md", render(report) + note + render_compression(report))
     metrics = {r["method"]: {"mean": r["mean"], "normalized": r["normalized"]} for r in rows}
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     plot_report(report, out_dir)
@@ -72,3 +72,32 @@ def render(report: dict[str, Any]) -> str:
             f"| {row['method']} | {params or '–'} | {cells} | {100 * row['mean']:.1f} | {100 * row['normalized']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-task methods (with their recorded storage) and the best single merged model (no storage per
+    task), best normalised accuracy first."""
+    rows = [r for r in report["rows"] if "storage" in r]
+    if not rows:
+        return []
+    singles = [r for r in report["rows"] if "storage" not in r and "params" in r and r.get("grid_points")]
+    best = [max(singles, key=lambda r: r["normalized"])] if singles else []
+    out = [{"method": r["method"], "per_task_bytes": r["storage"]["per_task_bytes"],
+            "shared_bytes": r["storage"]["shared_bytes"], "normalized": r["normalized"]} for r in rows]  # fmt: skip
+    out += [{"method": r["method"], "per_task_bytes": 0, "shared_bytes": None, "normalized": r["normalized"]}
+            for r in best]  # fmt: skip
+    return sorted(out, key=lambda r: -r["normalized"])
+
+
+def render_compression(report: dict[str, Any]) -> str:
+    """Markdown: normalised accuracy against bytes stored per task beyond θ0."""
+    rows = compression_rows(report)
+    if not rows:
+        return ""
+    lines = ["\n## Compression: accuracy against storage per task\n",
+             "| method | stored per task (MB) | shared, once (MB) | normalized |", "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        shared = "–" if r["shared_bytes"] is None else f"{r['shared_bytes'] / 1e6:.1f}"
+        lines.append(f"| {r['method']} | {r['per_task_bytes'] / 1e6:.2f} | {shared} | {100 * r['normalized']:.1f} |")
+    lines.append("\nShared: what every task model uses (θ_avg, τ_MTL, τ_uni); one merged model stores none per task.")
+    return "\n".join(lines) + "\n"

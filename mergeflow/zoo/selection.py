@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mergeflow.checkpoint import open_checkpoint
 from mergeflow.engine import merge_checkpoints
 from mergeflow.errors import MergeflowError
 from mergeflow.grid import basis_key, build_grid_basis, point_states, remove_basis, scaling_groups
@@ -203,4 +204,7 @@ def select_method(
              "cached" if basis_seconds is None else f"{basis_seconds:.1f}", best["params"])  # fmt: skip
     row = {"method": method, "params": best["params"], "validation": best["validation"], "test": test,
            "grid_points": len(tried), "outputs": [str(p) for p in merged.outputs]}  # fmt: skip
+    if spec.per_task_outputs:  # what keeping every task's model costs beyond θ0 (recorded by the merge)
+        with open_checkpoint(merged.outputs[0]) as reader:
+            row["storage"] = json.loads(reader.metadata["mergeflow.storage"])
     return {"row": row, "sweep": tried, "basis_seconds": basis_seconds}
