@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.linalg import low_rank, rank_from_ratio, top_svd
-from mergeflow.methods.registry import Affine, MatrixParams, Merger, StorageCost, register
+from mergeflow.methods.registry import Affine, MatrixParams, Merger, StorageCost, float_bytes, register
 
 
 def _wide_average(tuned: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -158,14 +158,13 @@ class CartIndexing(Merger):
 
     def storage_cost(self) -> StorageCost:
         """θ_avg once (a whole model), and per task k·(m + n + 1) values per selected matrix."""
-        shared = sum(m.numel * m.dtype.itemsize for m in self.ctx.layout.values() if m.is_float)
         per_task = 0
         for key in self.selected:
             meta = self.ctx.layout[key]
             m, n = meta.shape
             k = min(rank_from_ratio(self.params.rank_ratio, (m, n)), min(m, n))
             per_task += min(k * (m + n + 1), m * n) * meta.dtype.itemsize  # triplets, or the matrix if smaller
-        return StorageCost(shared=shared, per_task=per_task)
+        return StorageCost(shared=float_bytes(self.ctx.layout), per_task=per_task)
 
 
 def task_low_rank_parts(

@@ -23,12 +23,20 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from mergeflow.errors import ConfigError
 from mergeflow.linalg import low_rank
-from mergeflow.methods.consensus import tall_masks
-from mergeflow.methods.registry import Affine, MergeContext, Merger, MethodParams, StorageCost, TensorSource, register
+from mergeflow.methods.consensus import MaskLambda, per_task_lambdas, tall_masks
+from mergeflow.methods.registry import (
+    Affine,
+    MergeContext,
+    Merger,
+    MethodParams,
+    StorageCost,
+    TensorSource,
+    float_bytes,
+    register,
+)
 
 
 def sv_rank(shape: tuple[int, ...], sv_reduction: float) -> int:
@@ -78,27 +86,8 @@ class TsvC(Merger):
 
 
 class TallMasksParams(MethodParams):
-    mask_lambda: float | tuple[float, ...] = Field(0.4, description="λt of m_t: one value or one per task")
+    mask_lambda: MaskLambda = Field(0.4, description="λt of m_t: one value or one per task")
     scaling: float = Field(1.0, description="α in θ0 + α·(m_t ⊙ τ_MTL) (1 in the reference)")
-
-    @field_validator("mask_lambda")
-    @classmethod
-    def _non_negative(cls, value: float | tuple[float, ...]) -> float | tuple[float, ...]:
-        values = value if isinstance(value, tuple) else (value,)
-        if not values or any(v < 0 for v in values):
-            raise ValueError("mask_lambda must be non-negative (one value or one per task)")
-        return value
-
-
-def per_task_lambdas(value: float | tuple[float, ...], ctx: MergeContext, method: str) -> torch.Tensor:
-    """λt in canonical task order from one value or one per task in the user's order."""
-    if isinstance(value, tuple):
-        if len(value) != ctx.num_tasks:
-            raise ConfigError(f"{method}: mask_lambda has {len(value)} values for {ctx.num_tasks} tasks")
-        values = [value[i] for i in ctx.task_order]
-    else:
-        values = [value] * ctx.num_tasks
-    return torch.tensor(values, dtype=ctx.dtype, device=ctx.device)
 
 
 @register("tall_masks", TallMasksParams, "one model per task: θ0 + scaling·(m_t ⊙ Σs τs), m_t the TALL mask of t")
@@ -118,10 +107,8 @@ class TallMasks(Merger):
         return [(base, total * mask) for mask in masks]
 
     def storage_cost(self) -> StorageCost:
-        floats = [m for m in self.ctx.layout.values() if m.is_float]
-        return StorageCost(
-            shared=sum(m.numel * m.dtype.itemsize for m in floats), per_task=sum(mask_bytes(m.numel) for m in floats)
-        )
+        masks = sum(mask_bytes(m.numel) for m in self.ctx.layout.values() if m.is_float)
+        return StorageCost(shared=float_bytes(self.ctx.layout), per_task=masks)
 
 
 class EmrParams(MethodParams):
@@ -164,8 +151,5 @@ class Emr(Merger):
         return [(base, rescaler * (unified * mask)) for rescaler, mask in zip(self.rescalers, masks, strict=True)]
 
     def storage_cost(self) -> StorageCost:
-        floats = [m for m in self.ctx.layout.values() if m.is_float]
-        return StorageCost(
-            shared=sum(m.numel * m.dtype.itemsize for m in floats),
-            per_task=sum(mask_bytes(m.numel) for m in floats) + 4,
-        )
+        masks = sum(mask_bytes(m.numel) for m in self.ctx.layout.values() if m.is_float)
+        return StorageCost(shared=float_bytes(self.ctx.layout), per_task=masks + 4)  # + one float32 rescaler

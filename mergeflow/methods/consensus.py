@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods.registry import Affine, MergeContext, Merger, MethodParams, register
@@ -22,18 +24,32 @@ def consensus_merge(taus: torch.Tensor, lambdas: torch.Tensor, min_tasks: int) -
     return taus.sum(dim=0) * (votes >= min_tasks)
 
 
+def _non_negative(value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+    values = value if isinstance(value, tuple) else (value,)
+    if not values or any(v < 0 for v in values):
+        raise ValueError("mask_lambda must be non-negative (one value or one per task)")
+    return value
+
+
+MaskLambda = Annotated[float | tuple[float, ...], AfterValidator(_non_negative)]
+"""λt of TALL masks: one non-negative value for every task, or one per task in the user's order."""
+
+
+def per_task_lambdas(value: float | tuple[float, ...], ctx: MergeContext, method: str) -> torch.Tensor:
+    """λt in canonical task order from one value or one per task in the user's order."""
+    if isinstance(value, tuple):
+        if len(value) != ctx.num_tasks:
+            raise ConfigError(f"{method}: mask_lambda has {len(value)} values for {ctx.num_tasks} tasks")
+        values = [value[i] for i in ctx.task_order]  # user order -> canonical order
+    else:
+        values = [value] * ctx.num_tasks
+    return torch.tensor(values, dtype=ctx.dtype, device=ctx.device)
+
+
 class ConsensusParams(MethodParams):
-    mask_lambda: float | tuple[float, ...] = Field(0.4, description="λt of the TALL masks: one value or one per task")
+    mask_lambda: MaskLambda = Field(0.4, description="λt of the TALL masks: one value or one per task")
     min_tasks: int = Field(2, ge=0, description="keep weights used by at least this many tasks")
     scaling: float = Field(1.0, description="α in θ0 + α·(consensus ⊙ Σt τt)")
-
-    @field_validator("mask_lambda")
-    @classmethod
-    def _non_negative(cls, value: float | tuple[float, ...]) -> float | tuple[float, ...]:
-        values = value if isinstance(value, tuple) else (value,)
-        if not values or any(v < 0 for v in values):
-            raise ValueError("mask_lambda must be non-negative (one value or one per task)")
-        return value
 
 
 @register("consensus", ConsensusParams, "TALL masks on Σt τt, keep weights used by ≥ min_tasks tasks")
@@ -47,14 +63,7 @@ class Consensus(Merger):
                 f"consensus: min_tasks={params.min_tasks} with {ctx.num_tasks} fine-tune(s): no weight can be used by "
                 f"that many tasks, so the result would be θ0; use min_tasks <= {ctx.num_tasks}"
             )
-        lam = params.mask_lambda
-        if isinstance(lam, tuple):
-            if len(lam) != ctx.num_tasks:
-                raise ConfigError(f"consensus: mask_lambda has {len(lam)} values for {ctx.num_tasks} tasks")
-            per_task = [lam[i] for i in ctx.task_order]  # user order -> canonical order
-        else:
-            per_task = [lam] * ctx.num_tasks
-        self.lambdas = torch.tensor(per_task, dtype=ctx.dtype, device=ctx.device)
+        self.lambdas = per_task_lambdas(params.mask_lambda, ctx, "consensus")
 
     def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
         """A = θ0, D = consensus mask ⊙ Σt τt."""

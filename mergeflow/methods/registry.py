@@ -96,6 +96,11 @@ class StorageCost:
                 "total_bytes": self.shared + num_tasks * self.per_task}  # fmt: skip
 
 
+def float_bytes(layout: Mapping[str, TensorMeta]) -> int:
+    """Bytes of every float tensor of a layout in its own dtype (one whole model's weights)."""
+    return sum(m.numel * m.dtype.itemsize for m in layout.values() if m.is_float)
+
+
 Affine = tuple[torch.Tensor, torch.Tensor | None]
 """(A, D) of θ(λ) = A + λ·D for one key; D is None where the key does not depend on λ."""
 

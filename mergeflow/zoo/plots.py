@@ -117,21 +117,32 @@ def _plot_adaptation(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
     plt.close(fig)
 
 
+def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-task methods (with their recorded storage) and the best single merged model (no storage per
+    task), best normalised accuracy first."""
+    rows = [r for r in report["rows"] if "storage" in r]
+    if not rows:
+        return []
+    singles = [r for r in report["rows"] if "storage" not in r and "params" in r and r.get("grid_points")]
+    best = [max(singles, key=lambda r: r["normalized"])] if singles else []
+    out = [{"method": r["method"], "per_task_bytes": r["storage"]["per_task_bytes"],
+            "shared_bytes": r["storage"]["shared_bytes"], "normalized": r["normalized"]} for r in rows]  # fmt: skip
+    out += [{"method": r["method"], "per_task_bytes": 0, "shared_bytes": None, "normalized": r["normalized"]}
+            for r in best]  # fmt: skip
+    return sorted(out, key=lambda r: -r["normalized"])
+
+
 def _plot_compression(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
     """Normalised test accuracy against MB stored per task (per-task methods; the best single merge at 0)."""
-    points = [r for r in report["rows"] if "storage" in r]
-    if not points:
+    rows = compression_rows(report)
+    if not rows:
         return
-    singles = [r for r in report["rows"] if "storage" not in r and r.get("grid_points")]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for row in points:
-        x = row["storage"]["per_task_bytes"] / 1e6
-        ax.scatter([x], [100 * row["normalized"]])
-        ax.annotate(row["method"], (x, 100 * row["normalized"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    if singles:
-        best = max(singles, key=lambda r: r["normalized"])
-        ax.scatter([0.0], [100 * best["normalized"]], marker="s", color="black")
-        ax.annotate(f"{best['method']} (one model)", (0.0, 100 * best["normalized"]), fontsize=7, xytext=(4, -10),
+    for row in rows:
+        x, y = row["per_task_bytes"] / 1e6, 100 * row["normalized"]
+        single = row["shared_bytes"] is None
+        ax.scatter([x], [y], marker="s" if single else "o", color="black" if single else None)
+        ax.annotate(row["method"] + (" (one model)" if single else ""), (x, y), fontsize=7, xytext=(4, 2),
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("stored per task beyond θ0 (MB)")
     ax.set_ylabel("normalised test accuracy (%)")

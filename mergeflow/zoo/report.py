@@ -13,7 +13,7 @@ from typing import Any
 
 from mergeflow.writer import write_text_atomic
 from mergeflow.zoo.description import read_zoo
-from mergeflow.zoo.plots import PLOTS, plot_report
+from mergeflow.zoo.plots import PLOTS, compression_rows, plot_report
 from mergeflow.zoo.selection import mean, normalized
 
 __all__ = ["PLOTS", "assemble_report", "compression_rows", "render", "render_compression"]
@@ -72,21 +72,6 @@ def render(report: dict[str, Any]) -> str:
             f"| {row['method']} | {params or '–'} | {cells} | {100 * row['mean']:.1f} | {100 * row['normalized']:.1f} |"
         )
     return "\n".join(lines)
-
-
-def compression_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-task methods (with their recorded storage) and the best single merged model (no storage per
-    task), best normalised accuracy first."""
-    rows = [r for r in report["rows"] if "storage" in r]
-    if not rows:
-        return []
-    singles = [r for r in report["rows"] if "storage" not in r and "params" in r and r.get("grid_points")]
-    best = [max(singles, key=lambda r: r["normalized"])] if singles else []
-    out = [{"method": r["method"], "per_task_bytes": r["storage"]["per_task_bytes"],
-            "shared_bytes": r["storage"]["shared_bytes"], "normalized": r["normalized"]} for r in rows]  # fmt: skip
-    out += [{"method": r["method"], "per_task_bytes": 0, "shared_bytes": None, "normalized": r["normalized"]}
-            for r in best]  # fmt: skip
-    return sorted(out, key=lambda r: -r["normalized"])
 
 
 def render_compression(report: dict[str, Any]) -> str:
