@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     merge.add_argument("--method", required=True, choices=method_names(), metavar="NAME")
-    merge.add_argument("--pretrained", metavar="PATH", help="θ0 (.safetensors, or .pt/.bin)")
+    merge.add_argument("--pretrained", metavar="PATH", help="θ0: .safetensors, .pt/.bin, shard index or model dir")
     merge.add_argument("--finetuned", nargs="+", metavar="PATH", help="θ1 ... θT")
     merge.add_argument("--manifest", metavar="FILE", help="θ0 and fine-tunes from a `mergeflow acquire` manifest")
     merge.add_argument("--output", required=True, metavar="PATH", help="output file (a directory for cart_indexing)")

@@ -34,7 +34,13 @@ from mergeflow.checkpoint import CheckpointReader, TensorMeta, open_checkpoint, 
 from mergeflow.codeid import code_identity
 from mergeflow.devices import resolve_device, resolve_precision
 from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, NumericalError
-from mergeflow.hashing import BackgroundHasher, file_state, quick_identity, sha256_file_cached
+from mergeflow.hashing import (
+    BackgroundHasher,
+    FileSet,
+    fileset_quick_identity,
+    fileset_sha256_cached,
+    fileset_state,
+)
 from mergeflow.methods import MergeContext, Merger, MethodParams, get_method, params_record, parse_params
 from mergeflow.methods.registry import TensorSource
 from mergeflow.selectors import detect_layout
@@ -67,7 +73,7 @@ class CheckpointSet:
     layout: dict[str, TensorMeta]
     task_order: tuple[int, ...]
     hasher: BackgroundHasher
-    states: tuple[list[int], ...] = ()
+    states: tuple[list[list[int]], ...] = ()
 
     @property
     def canonical(self) -> list[CheckpointReader]:
@@ -82,15 +88,21 @@ class CheckpointSet:
         return self.hasher.result()[1:]
 
     def verify_unchanged(self) -> None:
-        """Refuse to go on if any input file changed since it was opened (its bytes may differ from
-        those read or hashed)."""
+        """Refuse to go on if any input file (every shard and companion file of a directory) changed
+        since it was opened (its bytes may differ from those read or hashed)."""
         for reader, before in zip((self.pretrained, *self.finetuned), self.states, strict=False):
             try:
-                now = file_state(reader.path)
+                now = fileset_state(input_files(reader))
             except OSError as exc:
-                raise CheckpointError(f"{reader.path}: vanished while being merged ({exc.strerror})") from None
+                where = exc.filename or reader.path
+                raise CheckpointError(f"{where}: vanished while being merged ({exc.strerror})") from None
             if now != before:
-                raise CheckpointError(f"{reader.path}: changed while being merged; nothing was written, run again")
+                changed = [name for (name, _), a, b in zip(input_files(reader).named(), before, now, strict=False)
+                           if a != b]  # fmt: skip
+                what = f" ({', '.join(changed[:3])})" if changed and changed != ["."] else ""
+                raise CheckpointError(
+                    f"{reader.path}: changed while being merged{what}; nothing was written, run again"
+                )
 
     def close(self) -> None:
         self.hasher.close()
@@ -104,6 +116,11 @@ class CheckpointSet:
             "pretrained": {"file": self.pretrained.path.name, "sha256": hashes[0]},
             "finetuned": [{"file": r.path.name, "sha256": h} for r, h in zip(self.finetuned, hashes[1:], strict=True)],
         }
+
+
+def input_files(reader: CheckpointReader) -> FileSet:
+    """The files an opened input is read from, as one :class:`~mergeflow.hashing.FileSet`."""
+    return FileSet(reader.root, reader.files)
 
 
 def _describe_keys(keys: set[str]) -> str:
@@ -155,13 +172,14 @@ def open_checkpoint_set(
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(pretrained, trust_pickle))
         tuned = [stack.enter_context(open_checkpoint(p, trust_pickle)) for p in finetuned]
-        states = tuple(file_state(r.path) for r in (base, *tuned))
+        files = [input_files(r) for r in (base, *tuned)]
+        states = tuple(fileset_state(f) for f in files)
         layout = check_compatible(base, tuned)
-        quick = [quick_identity(r.path) for r in tuned]
+        quick = [fileset_quick_identity(f) for f in files[1:]]
         tied = {i for i in range(len(tuned)) if quick.count(quick[i]) > 1}
-        full = {i: sha256_file_cached(tuned[i].path, fresh=fresh_hashes) for i in tied}
+        full = {i: fileset_sha256_cached(files[1 + i], fresh=fresh_hashes) for i in tied}
         order = tuple(sorted(range(len(tuned)), key=lambda i: (quick[i], full.get(i, ""), i)))
-        hasher = BackgroundHasher([base.path, *(r.path for r in tuned)], fresh=fresh_hashes)
+        hasher = BackgroundHasher(files, fresh=fresh_hashes)
         stack.pop_all()
     return CheckpointSet(base, tuned, layout, order, hasher, states)
 
