@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,14 @@ from typing import Any, Protocol
 import torch
 
 import mergeflow
-from mergeflow.checkpoint import CheckpointReader, TensorMeta, open_checkpoint, stored_fingerprint
+from mergeflow.checkpoint import (
+    CheckpointReader,
+    ModelDirectoryReader,
+    TensorMeta,
+    companion_files,
+    open_checkpoint,
+    stored_fingerprint,
+)
 from mergeflow.codeid import code_identity
 from mergeflow.devices import resolve_device, resolve_precision
 from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, NumericalError
@@ -40,6 +47,14 @@ from mergeflow.hashing import (
     fileset_quick_identity,
     fileset_sha256_cached,
     fileset_state,
+)
+from mergeflow.hfdir import (
+    DEFAULT_SHARD_SIZE,
+    HFDirectoryWriter,
+    check_directory_output,
+    model_card,
+    parse_size,
+    stored_directory_fingerprint,
 )
 from mergeflow.methods import MergeContext, Merger, MethodParams, get_method, params_record, parse_params
 from mergeflow.methods.registry import TensorSource
@@ -383,6 +398,34 @@ def task_output_paths(directory: Path, finetuned: Sequence[str | Path]) -> list[
     return [directory / f"{i:02d}-{Path(p).name.split('.')[0]}.safetensors" for i, p in enumerate(finetuned)]
 
 
+def _directory_writer(
+    output: Path,
+    checkpoints: CheckpointSet,
+    metadata: Callable[..., dict[str, str]],
+    shard_size: int,
+    given: Sequence[Path],
+    command: str | None,
+) -> HFDirectoryWriter:
+    """The sink of a Hugging Face directory output: θ0's companion files copied (those its identity covers)."""
+    base = checkpoints.pretrained
+    copy: list[Path] = []
+    if isinstance(base, ModelDirectoryReader) and base.path == base.root:
+        covered = set(base.files)
+        copy = [f for f in companion_files(base.root) if f in covered]
+    names = [str(p) for p in given]
+    every_file = [*given, *(f for r in (base, *checkpoints.finetuned) for f in r.files)]
+    return HFDirectoryWriter(
+        output,
+        checkpoints.layout,
+        metadata(0, placeholder=True),
+        final_metadata=lambda: metadata(0, placeholder=False),
+        shard_size=shard_size,
+        copy_files=copy,
+        card=lambda final: model_card(final, names, command),
+        inputs=every_file,
+    )
+
+
 def merge_checkpoints(
     method: str,
     pretrained: str | Path,
@@ -394,10 +437,15 @@ def merge_checkpoints(
     precision: str = "float32",
     trust_pickle: bool = False,
     force: bool = False,
+    output_format: str = "safetensors",
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    command: str | None = None,
 ) -> MergeResult:
     """Merge θ0 and fine-tunes with ``method`` and write safetensors atomically.
 
-    ``output`` is a file, or a directory for per-task methods (one file per fine-tune). When the
+    ``output`` is a file, or a directory for per-task methods (one file per fine-tune); with
+    ``output_format="hf"`` it is a Hugging Face model directory (see :mod:`mergeflow.hfdir`:
+    shards of ``shard_size``, index, θ0's config/tokenizer files, a model card naming ``command``). When the
     outputs already exist with the same fingerprint (same method, parameters, input contents,
     precision and code identity), nothing is recomputed unless ``force``; ``force`` also reads
     every input afresh for its sha256 instead of trusting the hash cache.
@@ -409,16 +457,27 @@ def merge_checkpoints(
     output = Path(output)
     paths = task_output_paths(output, finetuned) if spec.per_task_outputs else [output]
     inputs = [Path(pretrained), *(Path(p) for p in finetuned)]
+    hf_directory = output_format == "hf"
+    if output_format not in ("safetensors", "hf"):
+        raise ConfigError(f"unknown output format {output_format!r}; known: safetensors, hf")
+    if hf_directory:
+        if spec.per_task_outputs:
+            raise ConfigError(f"{method} writes one checkpoint per fine-tune; --format hf is for one merged model")
+        shard_bytes = parse_size(shard_size)
+        check_directory_output(output, inputs)
     if spec.per_task_outputs:
         check_output(output, inputs, directory=True)
-    for path in paths:
+    for path in paths if not hf_directory else ():
         check_output(path, inputs)
     start = time.perf_counter()
     checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle, fresh_hashes=force)
     try:
         ctx = MergeContext(len(finetuned), checkpoints.layout, torch_device, dtype, checkpoints.task_order)
         probe = spec.merger(parsed, ctx)
-        existing = [stored_fingerprint(p) for p in paths]
+        if hf_directory:
+            existing = [stored_directory_fingerprint(output, shard_bytes)]
+        else:
+            existing = [stored_fingerprint(p) for p in paths]
         if not force and all(existing):  # only then are the hashes needed before merging
             if set(existing) == {fingerprint(method, parsed, checkpoints, precision)}:
                 log.info("%s: %s is up to date (same inputs and parameters), skipping", method, output)
@@ -432,7 +491,9 @@ def merge_checkpoints(
 
         writers: list[Sink] = []
         try:
-            for index, path in enumerate(paths):
+            if hf_directory:
+                writers.append(_directory_writer(output, checkpoints, metadata, shard_bytes, inputs, command))
+            for index, path in enumerate(paths if not hf_directory else ()):
                 writers.append(
                     SafetensorsWriter(
                         path,

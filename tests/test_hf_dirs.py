@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import mergeflow.checkpoint as checkpoint
+from mergeflow import cli, hfdir
 from mergeflow.checkpoint import CheckpointError, ModelDirectoryReader, open_checkpoint, read_state_dict
-from mergeflow.engine import open_checkpoint_set
+from mergeflow.engine import merge_checkpoints, open_checkpoint_set
+from mergeflow.errors import OutputError
 from mergeflow.hashing import cached_sha256, fileset_digest, sha256_file
+from mergeflow.writer import SafetensorsWriter
+from tests import reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -258,3 +264,165 @@ def test_verify_unchanged_covers_every_shard(sharded: list[Path], tmp_path: Path
             checkpoints.verify_unchanged()
     finally:
         checkpoints.close()
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+def _state(directory: Path) -> dict[str, torch.Tensor]:
+    return read_state_dict(directory)
+
+
+def _load_hf(directory: Path) -> dict[str, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "cart"])
+def test_merge_into_hf_directory_loads_with_from_pretrained(sharded: list[Path], tmp_path: Path, method: str) -> None:
+    base, *tuned = sharded
+    out = tmp_path / "merged"
+    params = {"scaling": 0.4} if method == "task_arithmetic" else {"scaling": 1.5, "rank_ratio": 0.25}
+    result = merge_checkpoints(
+        method, base, tuned, out, params, precision="float64", output_format="hf", shard_size="30KB",
+        command="mergeflow merge ...",
+    )  # fmt: skip
+    assert result.outputs == [out] and not result.skipped
+    theta0, thetas = _state(base), [_state(t) for t in tuned]
+    if method == "task_arithmetic":
+        expected = reference.task_arithmetic(theta0, thetas, 0.4)
+    else:
+        expected = reference.cart(theta0, thetas, 1.5, 0.25)
+    loaded = _load_hf(out)
+    assert loaded.keys() == expected.keys()
+    for key, tensor in loaded.items():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(tensor.double(), expected[key], rtol=0, atol=1e-6)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(expected)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in loaded.values())
+    for shard in shards:  # the same provenance in every shard as in a single-file output
+        with open_checkpoint(out / shard) as reader:
+            meta = reader.metadata
+        assert (
+            meta["mergeflow.method"] == method
+            and meta["mergeflow.fingerprint"] == index["metadata"]["mergeflow.fingerprint"]
+        )
+        assert json.loads(meta["mergeflow.inputs"])["pretrained"]["sha256"] == result.inputs["pretrained"]["sha256"]
+    for name in ("config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front == {
+        "base_model": [str(p) for p in sharded],
+        "base_model_relation": "merge",
+        "tags": ["merge", "mergeflow"],
+    }
+    assert f"`{method}`" in card and "mergeflow merge ..." in card
+    assert result.inputs["finetuned"][0]["sha256"] in card
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
+    # up to date: skipped; a different shard size is a different output
+    again = merge_checkpoints(method, base, tuned, out, params, precision="float64", output_format="hf",
+                              shard_size="30KB")  # fmt: skip
+    assert again.skipped
+    resharded = merge_checkpoints(method, base, tuned, out, params, precision="float64", output_format="hf",
+                                  shard_size="1MB")  # fmt: skip
+    assert not resharded.skipped
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() == expected.keys()
+    assert len(list(out.glob("*.safetensors"))) == 1
+
+
+def test_failed_write_leaves_no_complete_looking_directory(
+    sharded: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, *tuned = sharded
+    out = tmp_path / "merged"
+    real_commit = SafetensorsWriter.commit
+    committed: list[Path] = []
+
+    def fail_after_first(self: SafetensorsWriter) -> Path:
+        if committed:
+            raise OSError(28, "No space left on device")
+        committed.append(real_commit(self))
+        return committed[-1]
+
+    monkeypatch.setattr(SafetensorsWriter, "commit", fail_after_first)
+    with pytest.raises(OutputError, match=r"merged: cannot write \(No space left on device\)"):
+        merge_checkpoints("task_arithmetic", base, tuned, out, output_format="hf", shard_size="30KB")
+    assert committed and not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the partial directory is gone too
+    # a killed writer (no clean-up at all) leaves only a hidden partial directory, removed by the next run
+    monkeypatch.setattr(hfdir.HFDirectoryWriter, "abort", lambda self: None)
+    committed.clear()
+    with pytest.raises(OutputError):
+        merge_checkpoints("task_arithmetic", base, tuned, out, output_format="hf", shard_size="30KB")
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(".merged.partial-") and not out.exists()
+    assert not (partial / "model.safetensors.index.json").exists()
+    partial.rename(tmp_path / ".merged.partial-999999999")  # as if its process were gone
+    monkeypatch.undo()
+    merge_checkpoints("task_arithmetic", base, tuned, out, output_format="hf", shard_size="30KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_directory_outputs_that_are_never_replaced(sharded: list[Path], tmp_path: Path) -> None:
+    base, *tuned = sharded
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"foreign: the output directory exists and is not a mergeflow output"):
+        merge_checkpoints("task_arithmetic", base, tuned, foreign, output_format="hf")
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match=r"the output is the input"):
+        merge_checkpoints("task_arithmetic", base, tuned, tuned[0], output_format="hf")
+    with pytest.raises(OutputError, match=r"the output directory contains the input"):
+        merge_checkpoints("task_arithmetic", base, tuned, base.parent, output_format="hf")
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    with pytest.raises(OutputError, match=r"the output is the input"):
+        merge_checkpoints("task_arithmetic", base, tuned, link, output_format="hf")
+    single = tmp_path / "single.safetensors"
+    merge_checkpoints("task_arithmetic", base, tuned, single)
+    with pytest.raises(OutputError, match=r"exists and is not a directory"):
+        merge_checkpoints("task_arithmetic", base, tuned, single, output_format="hf")
+
+
+def test_bf16_model_directory_round_trip(tmp_path: Path) -> None:
+    dirs = save_model_dirs(tmp_path / "in", tasks=2, dtype=torch.bfloat16, max_shard_size="10KB")
+    out = tmp_path / "merged"
+    merge_checkpoints("task_arithmetic", dirs[0], dirs[1:], out, {"scaling": 0.5}, output_format="hf",
+                      shard_size="10KB")  # fmt: skip
+    expected = reference.task_arithmetic(_state(dirs[0]), [_state(d) for d in dirs[1:]], 0.5)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.bfloat16)
+    loaded = model.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, tensor in loaded.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, expected[key].to(torch.bfloat16)), key
+    assert (out / "config.json").read_bytes() == (dirs[0] / "config.json").read_bytes()
+    with open_checkpoint(out) as reader:
+        assert {reader.meta(k).dtype for k in reader.keys()} == {torch.bfloat16}
+
+
+def test_cli_merge_format_hf(sharded: list[Path], tmp_path: Path) -> None:
+    base, *tuned = sharded
+    out = tmp_path / "cli-out"
+    argv = ["merge", "--method", "task_arithmetic", "--pretrained", str(base / "model.safetensors.index.json"),
+            "--finetuned", *map(str, tuned), "--output", str(out), "--format", "hf", "--shard-size", "40KB",
+            "--set", "scaling=0.3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    card = (out / "README.md").read_text()
+    assert shlex.join(["mergeflow", *argv]) in card
+    assert not (out / "config.json").exists()  # θ0 given as its index, not its directory: nothing to carry over
+    assert cli.main(["merge", "--method", "cart_indexing", "--pretrained", str(base), "--finetuned", str(tuned[0]),
+                     "--output", str(tmp_path / "x"), "--format", "hf"]) == 2  # fmt: skip
+    assert cli.main([*argv[:-2], "--shard-size", "lots"]) == 2
+
+
+@pytest.mark.parametrize(("text", "size"), [("500MB", 500 * 10**6), ("5GB", 5 * 10**9), ("20KB", 20_000),
+                                            ("1GiB", 2**30), ("123", 123), (77, 77)])  # fmt: skip
+def test_parse_size(text: object, size: int) -> None:
+    assert hfdir.parse_size(text) == size  # type: ignore[arg-type]
