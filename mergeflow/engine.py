@@ -472,6 +472,9 @@ def merge_checkpoints(
     start = time.perf_counter()
     checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle, fresh_hashes=force)
     try:
+        read_files = [f for r in (checkpoints.pretrained, *checkpoints.finetuned) for f in r.files]
+        for path in paths if not hf_directory else ():  # e.g. DIR/model.safetensors of a directory input
+            check_output(path, read_files)
         ctx = MergeContext(len(finetuned), checkpoints.layout, torch_device, dtype, checkpoints.task_order)
         probe = spec.merger(parsed, ctx)
         if hf_directory:

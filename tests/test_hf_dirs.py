@@ -384,6 +384,11 @@ def test_directory_outputs_that_are_never_replaced(sharded: list[Path], tmp_path
     link.symlink_to(base)
     with pytest.raises(OutputError, match=r"the output is the input"):
         merge_checkpoints("task_arithmetic", base, tuned, link, output_format="hf")
+    (one,) = save_model_dirs(tmp_path / "one", tasks=0)
+    before = (one / "model.safetensors").read_bytes()
+    with pytest.raises(OutputError, match=r"model\.safetensors: the output is the input .*model\.safetensors"):
+        merge_checkpoints("task_arithmetic", one, [one], one / "model.safetensors")
+    assert (one / "model.safetensors").read_bytes() == before
     single = tmp_path / "single.safetensors"
     merge_checkpoints("task_arithmetic", base, tuned, single)
     with pytest.raises(OutputError, match=r"exists and is not a directory"):
