@@ -158,6 +158,11 @@ class CheckpointReader:
         """Every file this checkpoint is read from, in canonical order (one file: just ``path``)."""
         return (self.path,)
 
+    @property
+    def model_type(self) -> str | None:
+        """``config.json``'s ``model_type`` for a model directory that has one (else None)."""
+        return None
+
     def close(self) -> None:
         """Release the file handle (idempotent)."""
 
@@ -881,6 +886,19 @@ class ModelDirectoryReader(CheckpointReader):
     @property
     def shards(self) -> list[CheckpointReader]:
         return list(self._shards)
+
+    @property
+    def model_type(self) -> str | None:
+        config = self._root / "config.json"
+        if config not in self._files:
+            return None
+        try:
+            with _open_regular(config) as handle:
+                parsed = json.loads(handle.read(MAX_INDEX_BYTES).decode("utf-8"))
+        except (CheckpointError, OSError, ValueError):
+            return None
+        found = parsed.get("model_type") if isinstance(parsed, dict) else None
+        return found if isinstance(found, str) else None
 
     def keys(self) -> list[str]:
         return list(self._owner)

@@ -293,7 +293,7 @@ def output_metadata(
         "mergeflow.selection": json.dumps(
             {
                 "selector": selector.describe() if selector else None,
-                "layout": detect_layout(list(checkpoints.layout)),
+                "layout": detect_layout(list(checkpoints.layout), checkpoints.pretrained.model_type),
                 "keys": sorted(merger.selected),
             }
         ),
