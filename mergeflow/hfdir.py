@@ -176,7 +176,11 @@ def remove_stale_partial_dirs(target: Path) -> list[Path]:
         if match is None or int(match.group(2)) == os.getpid() or _pid_alive(int(match.group(2))):
             continue
         leftover = target.parent / name
-        if stat.S_ISDIR(os.lstat(leftover).st_mode):
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(leftover).st_mode)
+        except OSError:
+            continue
+        if is_dir:
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
     if removed:

@@ -106,6 +106,25 @@ def test_sharded_directory_and_its_index_read_every_key(sharded: list[Path]) -> 
         assert {f.name for f in reader.files} == {s.name for s in shards} | {"model.safetensors.index.json"}
 
 
+def test_a_key_is_read_from_its_own_shard_only(sharded: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory stays at one tensor: loading a key reads that key's bytes from its shard, nothing else."""
+    reads: list[tuple[str, str]] = []
+    real = checkpoint.SafetensorsReader.load
+
+    def counting(self: checkpoint.SafetensorsReader, key: str) -> torch.Tensor:
+        reads.append((self.path.name, key))
+        return real(self, key)
+
+    monkeypatch.setattr(checkpoint.SafetensorsReader, "load", counting)
+    index = json.loads((sharded[0] / "model.safetensors.index.json").read_text())["weight_map"]
+    with open_checkpoint(sharded[0]) as reader:
+        assert reads == []  # opening reads headers only
+        for key in sorted(reader.keys()):
+            reader.load(key)
+            assert reads[-1] == (index[key], key)
+    assert len(reads) == len(index)
+
+
 def test_single_file_model_directory(tmp_path: Path) -> None:
     (base,) = save_model_dirs(tmp_path, tasks=0)
     assert (base / "model.safetensors").exists() and not (base / "model.safetensors.index.json").exists()
