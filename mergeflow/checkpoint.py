@@ -7,10 +7,26 @@ held to the rules of the ``safetensors`` library (see :meth:`SafetensorsReader._
 that library refuses is refused here, with one line that says why.
 
 ``.pt``/``.bin`` state dicts go through ``torch.load(weights_only=True)``; anything that would need
-arbitrary unpickling is refused unless the caller passes ``trust_pickle=True``.
+arbitrary unpickling is refused unless the caller passes ``trust_pickle=True``. A zip-format torch
+save (``torch.save``'s format since 1.6) is memory-mapped (``mmap=True``): its tensors are paged in
+from the file as they are used, not loaded whole; the legacy format cannot be mapped and is loaded
+whole.
 
 The format is recognised from the first bytes, never from the suffix (:func:`sniff_format`), and
 only regular files are ever opened: a FIFO or a device is refused from ``stat`` alone.
+
+Checkpoints made of several files are read as one (:class:`ModelDirectoryReader`):
+
+- a sharded checkpoint, given as its index (``model.safetensors.index.json``, or any JSON file with
+  a ``weight_map``) or as the directory that holds it; every shard is opened and checked as a file
+  of its own, and the index must describe the shards exactly (a shard it names exists, every key
+  sits in exactly one shard, the one the index names, and every key of every shard is listed);
+- a Hugging Face model directory: ``config.json`` beside ``model.safetensors``, its shards, or
+  ``pytorch_model.bin`` (or its shards); safetensors is preferred when both are there.
+
+Such an input is identified by every file mergeflow reads or copies from it (:attr:`CheckpointReader.files`:
+the index, the shards, and in a directory ``config.json`` and the tokenizer/processor files of
+:data:`COMPANION_PATTERNS`), in the canonical order of their names relative to the directory.
 """
 
 from __future__ import annotations
@@ -23,8 +39,9 @@ import pickle
 import re
 import stat
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import IO, Any
 
@@ -130,6 +147,21 @@ class CheckpointReader:
     @property
     def metadata(self) -> dict[str, str]:
         return {}
+
+    @property
+    def root(self) -> Path:
+        """The directory the names in :attr:`files` are relative to (the file itself for one file)."""
+        return self.path
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file this checkpoint is read from, in canonical order (one file: just ``path``)."""
+        return (self.path,)
+
+    @property
+    def model_type(self) -> str | None:
+        """``config.json``'s ``model_type`` for a model directory that has one (else None)."""
+        return None
 
     def close(self) -> None:
         """Release the file handle (idempotent)."""
@@ -580,10 +612,27 @@ def _weights_only_reason(exc: Exception) -> str:
     return ""
 
 
+def _mappable_name(handle: IO[bytes], path: Path) -> str | None:
+    """A file name ``torch.load(mmap=True)`` can map for the open ``handle`` (None: load it whole).
+
+    ``/proc/self/fd/N`` names the open descriptor itself; elsewhere the path is used, unless it ends in
+    ``.safetensors`` (which torch.load would read as safetensors).
+    """
+    by_descriptor = f"/proc/self/fd/{handle.fileno()}"
+    if os.path.exists(by_descriptor):
+        return by_descriptor
+    if path.suffix == ".safetensors":
+        return None
+    return str(path)
+
+
 def load_pickled_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load a ``torch.save``-d state dict; arbitrary objects are refused unless ``trust_pickle``.
 
     Only a zip archive or a legacy torch pickle (recognised from its bytes) is handed to ``torch.load``.
+    A zip archive is memory-mapped (tensors are views of the file's pages, read as they are used), through
+    the already opened descriptor where the platform names it (``/proc/self/fd``), so the file mapped is
+    the one that was checked; a legacy pickle is loaded whole.
     """
     path = Path(path)
     with _open_regular(path) as handle:
@@ -593,9 +642,13 @@ def load_pickled_state_dict(path: str | Path, trust_pickle: bool = False) -> dic
         if kind != "pickle":
             raise _not_a_checkpoint(path, head, size)
         handle.seek(0)
+        mappable = _mappable_name(handle, path) if head.startswith(_ZIP_MAGIC) else None
+        source: IO[bytes] | str = handle if mappable is None else mappable
+        mapped = mappable is not None
         try:
-            # the open file, not the path: torch.load reads any path ending in .safetensors as safetensors
-            obj = torch.load(handle, map_location="cpu", weights_only=not trust_pickle)
+            # the open file (or its descriptor's name), not the path: torch.load reads any path ending in
+            # .safetensors as safetensors
+            obj = torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mapped)
         except pickle.UnpicklingError as exc:
             if trust_pickle:
                 raise CheckpointError(f"{path}: corrupt pickle ({_one_line(str(exc))})") from exc
@@ -611,13 +664,8 @@ def load_pickled_state_dict(path: str | Path, trust_pickle: bool = False) -> dic
     return _unwrap_state_dict(obj, path)
 
 
-def open_checkpoint(path: str | Path, trust_pickle: bool = False) -> CheckpointReader:
-    """Open a checkpoint by its content: safetensors streams; torch pickles load eagerly.
-
-    The suffix only breaks a tie: a file named ``.safetensors`` whose bytes are neither format is
-    parsed as safetensors, to name what is wrong with it.
-    """
-    path = Path(path)
+def _open_file(path: Path, trust_pickle: bool) -> CheckpointReader:
+    """Open one checkpoint file by its content (safetensors streams; torch pickles are mapped or loaded)."""
     with _open_regular(path) as handle:
         kind, head, size = _sniff_handle(handle)
     if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
@@ -628,13 +676,266 @@ def open_checkpoint(path: str | Path, trust_pickle: bool = False) -> CheckpointR
         if path.suffix == ".safetensors":
             log.warning("%s: named .safetensors but holds a torch pickle; loading it as a pickle", path)
         return StateDictReader(load_pickled_state_dict(path, trust_pickle), path)
+    if head.lstrip(_JSON_WHITESPACE)[:1] == b"{":
+        return ModelDirectoryReader.from_index(path, trust_pickle)
     raise _not_a_checkpoint(path, head, size)
 
 
-def stored_fingerprint(path: str | Path) -> str | None:
-    """The ``mergeflow.fingerprint`` a safetensors output was written with (None if absent or unreadable)."""
+def open_checkpoint(path: str | Path, trust_pickle: bool = False) -> CheckpointReader:
+    """Open a checkpoint: a file by its content, a sharded checkpoint's index, or a model directory.
+
+    Files: safetensors streams; torch pickles are memory-mapped (zip format) or loaded (legacy); a
+    JSON file is read as the index of a sharded checkpoint. The suffix only breaks a tie: a file named
+    ``.safetensors`` whose bytes are neither format is parsed as safetensors, to name what is wrong
+    with it. A directory is read as a model directory (see :meth:`ModelDirectoryReader.from_directory`).
+    """
+    path = Path(path)
     try:
-        with SafetensorsReader(path) as reader:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        is_dir = False  # _open_regular names the problem
+    if is_dir:
+        return ModelDirectoryReader.from_directory(path, trust_pickle)
+    return _open_file(path, trust_pickle)
+
+
+# --- checkpoints of several files ---------------------------------------------------------------
+
+# What a model directory holds besides its weights and mergeflow reads or carries over to a merge of
+# it (top-level regular files whose name matches one of these fnmatch patterns).
+COMPANION_PATTERNS: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "*.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+    "feature_extractor_config.json",
+    "video_preprocessor_config.json",
+)
+# The weights of a model directory, in order of preference: (file name, is it an index).
+_DIRECTORY_WEIGHTS: tuple[tuple[str, bool], ...] = (
+    ("model.safetensors.index.json", True),
+    ("model.safetensors", False),
+    ("pytorch_model.bin.index.json", True),
+    ("pytorch_model.bin", False),
+)
+MAX_INDEX_BYTES = 100_000_000
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def companion_files(directory: Path) -> list[Path]:
+    """The files of :data:`COMPANION_PATTERNS` that ``directory`` holds, sorted by name."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise CheckpointError(f"{directory}: cannot list the directory ({exc.strerror or exc})") from None
+    return [
+        directory / name
+        for name in names
+        if any(fnmatchcase(name, pattern) for pattern in COMPANION_PATTERNS) and _is_regular(directory / name)
+    ]
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(weight_map, metadata)`` of a shard index, refusing anything malformed in one line."""
+
+    def fail(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid shard index: {why}")
+
+    with _open_regular(path) as handle:
+        raw = handle.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise fail(f"larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 (byte {exc.start})") from None
+    except _DuplicateKeyError as exc:
+        raise fail(f"repeats key {exc.key!r} (ambiguous: which shard is meant?)") from None
+    except (_HeaderSyntaxError, ValueError, RecursionError) as exc:
+        raise fail(f"not JSON ({_one_line(str(exc), 120)})") from None
+    if not isinstance(index, dict):
+        raise fail(f"it is {_json_type(index)}, not a JSON object")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise fail("no 'weight_map' object mapping tensor names to shard files")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise fail(f"key {key!r} maps to {_json_type(shard)}, not a shard file name")
+        parts = Path(shard).parts
+        if Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+            raise fail(f"key {key!r} maps to {shard!r}, which is not a file name inside the index's directory")
+    metadata = index.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise fail(f"'metadata' is {_json_type(metadata)}, not an object")
+    return weight_map, metadata
+
+
+class ModelDirectoryReader(CheckpointReader):
+    """One checkpoint stored in several files: shards (with their index) and a model directory's files.
+
+    Every shard is opened as a checkpoint file of its own (safetensors streams key by key, pickles are
+    memory-mapped), so loading a key reads that key's bytes only. ``path`` is what the caller gave (the
+    directory or the index file); :attr:`files` lists every file read or carried over.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        root: Path,
+        shards: Sequence[CheckpointReader],
+        owner: Mapping[str, int],
+        extra_files: Sequence[Path] = (),
+        index_metadata: Mapping[str, Any] | None = None,
+    ):
+        self.path = path
+        self._root = root
+        self._shards = list(shards)
+        self._owner = dict(owner)
+        self.index_metadata: dict[str, Any] = dict(index_metadata or {})
+        names = {*(r.path for r in self._shards), *extra_files}
+        self._files = tuple(sorted(names, key=lambda f: f.relative_to(root).as_posix()))
+
+    @classmethod
+    def from_directory(cls, directory: Path, trust_pickle: bool = False) -> ModelDirectoryReader:
+        """A model directory: its index and shards, or its one weights file, plus its companion files."""
+        for name, is_index in _DIRECTORY_WEIGHTS:
+            candidate = directory / name
+            if os.path.lexists(candidate):
+                if is_index:
+                    return cls.from_index(candidate, trust_pickle, path=directory)
+                reader = _open_file(candidate, trust_pickle)
+                try:
+                    extras = companion_files(directory)
+                    return cls(directory, directory, [reader], dict.fromkeys(reader.keys(), 0), extras)
+                except BaseException:
+                    reader.close()
+                    raise
+        wanted = ", ".join(name for name, _ in _DIRECTORY_WEIGHTS)
+        raise CheckpointError(f"{directory}: a directory without a checkpoint (none of {wanted})")
+
+    @classmethod
+    def from_index(cls, index: Path, trust_pickle: bool = False, path: Path | None = None) -> ModelDirectoryReader:
+        """A sharded checkpoint from its index; ``path`` (default: the index) is how it is named."""
+        root = index.parent
+        weight_map, metadata = _read_index(index)
+        shard_names = sorted(set(weight_map.values()))
+        for name in shard_names:
+            if not os.path.lexists(root / name):
+                raise CheckpointError(f"{index}: names shard {name!r}, which does not exist in {root}")
+        shards: list[CheckpointReader] = []
+        try:
+            for name in shard_names:
+                shards.append(_open_file(root / name, trust_pickle))
+            owner: dict[str, int] = {}
+            for number, shard in enumerate(shards):
+                for key in shard.keys():
+                    if key in owner:
+                        first, second = shard_names[owner[key]], shard_names[number]
+                        raise CheckpointError(f"{index}: key {key!r} is in two shards, {first} and {second}")
+                    owner[key] = number
+            for key, name in weight_map.items():
+                if key not in owner:
+                    raise CheckpointError(f"{index}: maps key {key!r} to shard {name}, which does not hold it")
+                if name != shard_names[owner[key]]:
+                    raise CheckpointError(
+                        f"{index}: maps key {key!r} to shard {name}, which does not hold it "
+                        f"(it is in {shard_names[owner[key]]})"
+                    )
+            for key, number in owner.items():
+                if key not in weight_map:
+                    raise CheckpointError(
+                        f"{index}: shard {shard_names[number]} holds key {key!r}, which the index does not list"
+                    )
+            extras = [index, *(companion_files(root) if path is not None else ())]
+            return cls(path or index, root, shards, owner, extras, metadata)
+        except BaseException:
+            for shard in shards:
+                shard.close()
+            raise
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self._files
+
+    @property
+    def shards(self) -> list[CheckpointReader]:
+        return list(self._shards)
+
+    @property
+    def model_type(self) -> str | None:
+        config = self._root / "config.json"
+        if config not in self._files:
+            return None
+        try:
+            with _open_regular(config) as handle:
+                parsed = json.loads(handle.read(MAX_INDEX_BYTES).decode("utf-8"))
+        except (CheckpointError, OSError, ValueError):
+            return None
+        found = parsed.get("model_type") if isinstance(parsed, dict) else None
+        return found if isinstance(found, str) else None
+
+    def keys(self) -> list[str]:
+        return list(self._owner)
+
+    def meta(self, key: str) -> TensorMeta:
+        return self._shards[self._owner[key]].meta(key)
+
+    def load(self, key: str) -> torch.Tensor:
+        return self._shards[self._owner[key]].load(key)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata every shard agrees on (a key with different values is left out)."""
+        common = self._shards[0].metadata
+        for shard in self._shards[1:]:
+            theirs = shard.metadata
+            common = {k: v for k, v in common.items() if theirs.get(k) == v}
+        return common
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.close()
+
+
+def stored_fingerprint(path: str | Path) -> str | None:
+    """The ``mergeflow.fingerprint`` an output was written with (None if absent or unreadable).
+
+    A directory output counts only when it opens as a complete checkpoint and all its shards carry
+    the same fingerprint.
+    """
+    path = Path(path)
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return None
+    try:
+        with ModelDirectoryReader.from_directory(path) if is_dir else SafetensorsReader(path) as reader:
             return reader.metadata.get("mergeflow.fingerprint")
     except CheckpointError:
         return None

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         precision=args.precision,
         trust_pickle=args.trust_pickle,
         force=args.force,
+        output_format=args.format,
+        shard_size=args.shard_size,
+        command=shlex.join(["mergeflow", *args.argv]),
     )
     for path in result.outputs:
         sys.stdout.write(f"{path}\n")
@@ -304,10 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     merge.add_argument("--method", required=True, choices=method_names(), metavar="NAME")
-    merge.add_argument("--pretrained", metavar="PATH", help="θ0 (.safetensors, or .pt/.bin)")
+    merge.add_argument("--pretrained", metavar="PATH", help="θ0: .safetensors, .pt/.bin, shard index or model dir")
     merge.add_argument("--finetuned", nargs="+", metavar="PATH", help="θ1 ... θT")
     merge.add_argument("--manifest", metavar="FILE", help="θ0 and fine-tunes from a `mergeflow acquire` manifest")
-    merge.add_argument("--output", required=True, metavar="PATH", help="output file (a directory for cart_indexing)")
+    merge.add_argument(
+        "--output", required=True, metavar="PATH", help="output file (a directory for cart_indexing and --format hf)"
+    )
+    merge.add_argument(
+        "--format", default="safetensors", choices=("safetensors", "hf"),
+        help="safetensors: one file; hf: a Hugging Face model directory (shards, index, θ0's config and "
+        "tokenizer files, model card)",
+    )  # fmt: skip
+    merge.add_argument(
+        "--shard-size", default="5GB", metavar="SIZE", help="largest shard of --format hf (e.g. 500MB, 5GB, 2GiB)"
+    )
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     merge.add_argument("--precision", default="float32", choices=("float32", "float64"))
@@ -417,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +30,32 @@ from typing import Any, Protocol
 import torch
 
 import mergeflow
-from mergeflow.checkpoint import CheckpointReader, TensorMeta, open_checkpoint, stored_fingerprint
+from mergeflow.checkpoint import (
+    CheckpointReader,
+    ModelDirectoryReader,
+    TensorMeta,
+    companion_files,
+    open_checkpoint,
+    stored_fingerprint,
+)
 from mergeflow.codeid import code_identity
 from mergeflow.devices import resolve_device, resolve_precision
 from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, NumericalError
-from mergeflow.hashing import BackgroundHasher, file_state, quick_identity, sha256_file_cached
+from mergeflow.hashing import (
+    BackgroundHasher,
+    FileSet,
+    fileset_quick_identity,
+    fileset_sha256_cached,
+    fileset_state,
+)
+from mergeflow.hfdir import (
+    DEFAULT_SHARD_SIZE,
+    HFDirectoryWriter,
+    check_directory_output,
+    model_card,
+    parse_size,
+    stored_directory_fingerprint,
+)
 from mergeflow.methods import MergeContext, Merger, MethodParams, get_method, params_record, parse_params
 from mergeflow.methods.registry import TensorSource
 from mergeflow.selectors import detect_layout
@@ -75,7 +96,7 @@ class CheckpointSet:
     layout: dict[str, TensorMeta]
     task_order: tuple[int, ...]
     hasher: BackgroundHasher
-    states: tuple[list[int], ...] = ()
+    states: tuple[list[list[int]], ...] = ()
 
     @property
     def canonical(self) -> list[CheckpointReader]:
@@ -90,15 +111,21 @@ class CheckpointSet:
         return self.hasher.result()[1:]
 
     def verify_unchanged(self) -> None:
-        """Refuse to go on if any input file changed since it was opened (its bytes may differ from
-        those read or hashed)."""
+        """Refuse to go on if any input file (every shard and companion file of a directory) changed
+        since it was opened (its bytes may differ from those read or hashed)."""
         for reader, before in zip((self.pretrained, *self.finetuned), self.states, strict=False):
             try:
-                now = file_state(reader.path)
+                now = fileset_state(input_files(reader))
             except OSError as exc:
-                raise CheckpointError(f"{reader.path}: vanished while being merged ({exc.strerror})") from None
+                where = exc.filename or reader.path
+                raise CheckpointError(f"{where}: vanished while being merged ({exc.strerror})") from None
             if now != before:
-                raise CheckpointError(f"{reader.path}: changed while being merged; nothing was written, run again")
+                changed = [name for (name, _), a, b in zip(input_files(reader).named(), before, now, strict=False)
+                           if a != b]  # fmt: skip
+                what = f" ({', '.join(changed[:3])})" if changed and changed != ["."] else ""
+                raise CheckpointError(
+                    f"{reader.path}: changed while being merged{what}; nothing was written, run again"
+                )
 
     def close(self) -> None:
         self.hasher.close()
@@ -112,6 +139,11 @@ class CheckpointSet:
             "pretrained": {"file": self.pretrained.path.name, "sha256": hashes[0]},
             "finetuned": [{"file": r.path.name, "sha256": h} for r, h in zip(self.finetuned, hashes[1:], strict=True)],
         }
+
+
+def input_files(reader: CheckpointReader) -> FileSet:
+    """The files an opened input is read from, as one :class:`~mergeflow.hashing.FileSet`."""
+    return FileSet(reader.root, reader.files)
 
 
 def _describe_keys(keys: set[str]) -> str:
@@ -163,13 +195,14 @@ def open_checkpoint_set(
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(pretrained, trust_pickle))
         tuned = [stack.enter_context(open_checkpoint(p, trust_pickle)) for p in finetuned]
-        states = tuple(file_state(r.path) for r in (base, *tuned))
+        files = [input_files(r) for r in (base, *tuned)]
+        states = tuple(fileset_state(f) for f in files)
         layout = check_compatible(base, tuned)
-        quick = [quick_identity(r.path) for r in tuned]
+        quick = [fileset_quick_identity(f) for f in files[1:]]
         tied = {i for i in range(len(tuned)) if quick.count(quick[i]) > 1}
-        full = {i: sha256_file_cached(tuned[i].path, fresh=fresh_hashes) for i in tied}
+        full = {i: fileset_sha256_cached(files[1 + i], fresh=fresh_hashes) for i in tied}
         order = tuple(sorted(range(len(tuned)), key=lambda i: (quick[i], full.get(i, ""), i)))
-        hasher = BackgroundHasher([base.path, *(r.path for r in tuned)], fresh=fresh_hashes)
+        hasher = BackgroundHasher(files, fresh=fresh_hashes)
         stack.pop_all()
     return CheckpointSet(base, tuned, layout, order, hasher, states)
 
@@ -270,7 +303,7 @@ def output_metadata(
         "mergeflow.selection": json.dumps(
             {
                 "selector": selector.describe() if selector else None,
-                "layout": detect_layout(list(checkpoints.layout)),
+                "layout": detect_layout(list(checkpoints.layout), checkpoints.pretrained.model_type),
                 "keys": sorted(merger.selected),
             }
         ),
@@ -397,6 +430,34 @@ def task_output_paths(directory: Path, finetuned: Sequence[str | Path]) -> list[
     return [directory / f"{i:02d}-{Path(p).name.split('.')[0]}.safetensors" for i, p in enumerate(finetuned)]
 
 
+def _directory_writer(
+    output: Path,
+    checkpoints: CheckpointSet,
+    metadata: Callable[..., dict[str, str]],
+    shard_size: int,
+    given: Sequence[Path],
+    command: str | None,
+) -> HFDirectoryWriter:
+    """The sink of a Hugging Face directory output: θ0's companion files copied (those its identity covers)."""
+    base = checkpoints.pretrained
+    copy: list[Path] = []
+    if isinstance(base, ModelDirectoryReader) and base.path == base.root:
+        covered = set(base.files)
+        copy = [f for f in companion_files(base.root) if f in covered]
+    names = [str(p) for p in given]
+    every_file = [*given, *(f for r in (base, *checkpoints.finetuned) for f in r.files)]
+    return HFDirectoryWriter(
+        output,
+        checkpoints.layout,
+        metadata(0, placeholder=True),
+        final_metadata=lambda: metadata(0, placeholder=False),
+        shard_size=shard_size,
+        copy_files=copy,
+        card=lambda final: model_card(final, names, command),
+        inputs=every_file,
+    )
+
+
 def merge_checkpoints(
     method: str,
     pretrained: str | Path,
@@ -408,10 +469,15 @@ def merge_checkpoints(
     precision: str = "float32",
     trust_pickle: bool = False,
     force: bool = False,
+    output_format: str = "safetensors",
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    command: str | None = None,
 ) -> MergeResult:
     """Merge θ0 and fine-tunes with ``method`` and write safetensors atomically.
 
-    ``output`` is a file, or a directory for per-task methods (one file per fine-tune). When the
+    ``output`` is a file, or a directory for per-task methods (one file per fine-tune); with
+    ``output_format="hf"`` it is a Hugging Face model directory (see :mod:`mergeflow.hfdir`:
+    shards of ``shard_size``, index, θ0's config/tokenizer files, a model card naming ``command``). When the
     outputs already exist with the same fingerprint (same method, parameters, input contents,
     precision and code identity), nothing is recomputed unless ``force``; ``force`` also reads
     every input afresh for its sha256 instead of trusting the hash cache.
@@ -423,16 +489,30 @@ def merge_checkpoints(
     output = Path(output)
     paths = task_output_paths(output, finetuned) if spec.per_task_outputs else [output]
     inputs = [Path(pretrained), *(Path(p) for p in finetuned)]
+    hf_directory = output_format == "hf"
+    if output_format not in ("safetensors", "hf"):
+        raise ConfigError(f"unknown output format {output_format!r}; known: safetensors, hf")
+    if hf_directory:
+        if spec.per_task_outputs:
+            raise ConfigError(f"{method} writes one checkpoint per fine-tune; --format hf is for one merged model")
+        shard_bytes = parse_size(shard_size)
+        check_directory_output(output, inputs)
     if spec.per_task_outputs:
         check_output(output, inputs, directory=True)
-    for path in paths:
+    for path in paths if not hf_directory else ():
         check_output(path, inputs)
     start = time.perf_counter()
     checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle, fresh_hashes=force)
     try:
+        read_files = [f for r in (checkpoints.pretrained, *checkpoints.finetuned) for f in r.files]
+        for path in paths if not hf_directory else ():  # e.g. DIR/model.safetensors of a directory input
+            check_output(path, read_files)
         ctx = MergeContext(len(finetuned), checkpoints.layout, torch_device, dtype, checkpoints.task_order)
         probe = spec.merger(parsed, ctx)
-        existing = [stored_fingerprint(p) for p in paths]
+        if hf_directory:
+            existing = [stored_directory_fingerprint(output, shard_bytes)]
+        else:
+            existing = [stored_fingerprint(p) for p in paths]
         if not force and all(existing):  # only then are the hashes needed before merging
             if set(existing) == {fingerprint(method, parsed, checkpoints, precision)}:
                 log.info("%s: %s is up to date (same inputs and parameters), skipping", method, output)
@@ -446,7 +526,9 @@ def merge_checkpoints(
 
         writers: list[Sink] = []
         try:
-            for index, path in enumerate(paths):
+            if hf_directory:
+                writers.append(_directory_writer(output, checkpoints, metadata, shard_bytes, inputs, command))
+            for index, path in enumerate(paths if not hf_directory else ()):
                 writers.append(
                     SafetensorsWriter(
                         path,

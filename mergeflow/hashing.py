@@ -9,6 +9,12 @@ sets the ctime to the current time, and no unprivileged call can set it back.
 File timestamps can be as coarse as a kernel tick, so a file modified within the
 same tick as its hashing could keep its stat: like git's "racy" rule, files younger than
 ``RACY_SECONDS`` are never remembered. ``MERGEFLOW_HASH_CACHE=0`` turns the cache off.
+
+An input stored in several files (a sharded checkpoint, a model directory) is a :class:`FileSet`:
+each member is hashed (and cached, and checked fresh) as a file of its own, and the input's sha256
+is that of the text ``mergeflow-fileset-v1\n`` followed by one ``NAME\tSHA256\n`` line per member,
+NAME being its path relative to the set's root in POSIX form, lines sorted by NAME. A single file
+keeps its plain sha256.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,15 +172,63 @@ def sha256_files_cached(paths: Sequence[str | Path]) -> dict[str, str]:
     return out
 
 
-class BackgroundHasher:
-    """Full sha256 of several files computed in one background thread (cached hashes are instant;
-    ``fresh`` reads every file again)."""
+FILESET_HEADER = b"mergeflow-fileset-v1\n"
 
-    def __init__(self, paths: Sequence[str | Path], fresh: bool = False):
+
+@dataclass(frozen=True)
+class FileSet:
+    """The files one input is read from: ``files`` inside ``root`` (or ``root`` itself, alone)."""
+
+    root: Path
+    files: tuple[Path, ...]
+
+    @property
+    def single(self) -> bool:
+        """One file that is the input itself: its identity is its plain sha256."""
+        return len(self.files) == 1 and Path(self.files[0]) == Path(self.root)
+
+    def named(self) -> list[tuple[str, Path]]:
+        """``(name relative to root, path)`` of every member, in canonical (name) order."""
+        return sorted((Path(f).relative_to(self.root).as_posix(), Path(f)) for f in self.files)
+
+
+def fileset_digest(named_hashes: Sequence[tuple[str, str]]) -> str:
+    """The sha256 of a file set from its members' ``(name, sha256)``, in the documented canonical form."""
+    digest = hashlib.sha256(FILESET_HEADER)
+    for name, sha in sorted(named_hashes):
+        digest.update(f"{name}\t{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def fileset_sha256_cached(files: FileSet, cancel: threading.Event | None = None, fresh: bool = False) -> str:
+    """sha256 identity of an input: its file's hash, or the digest over every member's (cached) hash."""
+    if files.single:
+        return sha256_file_cached(files.root, cancel, fresh)
+    return fileset_digest([(name, sha256_file_cached(path, cancel, fresh)) for name, path in files.named()])
+
+
+def fileset_quick_identity(files: FileSet) -> str:
+    """:func:`quick_identity` of an input (for a set: over every member's, with their names)."""
+    if files.single:
+        return quick_identity(files.root)
+    return fileset_digest([(name, quick_identity(path)) for name, path in files.named()])
+
+
+def fileset_state(files: FileSet) -> list[list[int]]:
+    """:func:`file_state` of every member, in canonical order."""
+    return [file_state(path) for _, path in files.named()]
+
+
+class BackgroundHasher:
+    """Full sha256 of several inputs (files or :class:`FileSet`) computed in one background thread
+    (cached hashes are instant; ``fresh`` reads every file again)."""
+
+    def __init__(self, paths: Sequence[str | Path | FileSet], fresh: bool = False):
         self._cancel = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        sets = [p if isinstance(p, FileSet) else FileSet(Path(p), (Path(p),)) for p in paths]
         self._futures: list[Future[str]] = [
-            self._pool.submit(sha256_file_cached, p, self._cancel, fresh) for p in paths
+            self._pool.submit(fileset_sha256_cached, s, self._cancel, fresh) for s in sets
         ]
 
     def result(self) -> list[str]:

@@ -697,9 +697,12 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_directory_is_not_a_regular_file(tmp_path: Path) -> None:
     folder = tmp_path / "model.safetensors"
     folder.mkdir()
-    for call in (open_checkpoint, SafetensorsReader, load_pickled_state_dict, sniff_format):
+    for call in (SafetensorsReader, load_pickled_state_dict, sniff_format):
         with pytest.raises(CheckpointError, match=r"not a regular file \(a directory\)$"):
             call(folder)
+    # open_checkpoint reads a directory as a model directory: one without weights is named so
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a directory without a checkpoint \(none of"):
+        open_checkpoint(folder)
 
 
 def test_character_device_is_not_a_regular_file() -> None:

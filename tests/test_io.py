@@ -249,7 +249,7 @@ def test_bad_parameters_are_reported_before_work(good_set) -> None:
         merge_checkpoints("consensus", base_path, paths, tmp / "o.safetensors", {"mask_lambda": (0.1, 0.2, 0.3)})
     with pytest.raises(
         ConfigError,
-        match=r"rnak_ratio: unknown parameter \(known: selector, exclude, svd_solver, scaling, rank_ratio\)",
+        match=r"rnak_ratio: unknown parameter \(known: selector, exclude, include, svd_solver, scaling, rank_ratio\)",
     ):
         merge_checkpoints("cart", base_path, paths, tmp / "o.safetensors", {"rnak_ratio": 0.1})
     assert not (tmp / "o.safetensors").exists()

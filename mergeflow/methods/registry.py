@@ -25,7 +25,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from mergeflow.checkpoint import TensorMeta
 from mergeflow.errors import ConfigError
-from mergeflow.selectors import MatrixSelector, detect_layout, make_selector
+from mergeflow.selectors import MatrixSelector, explain_empty_selection, make_selector
 
 
 class MethodParams(BaseModel):
@@ -44,6 +44,7 @@ class MatrixParams(MethodParams):
         "all_2d", alias="selector", description="named rule choosing the matrices to factorize"
     )
     exclude: tuple[str, ...] = Field((), description="fnmatch globs of keys never treated as matrices")
+    include: tuple[str, ...] = Field((), description="fnmatch globs: an explicit selection, instead of the rule")
     svd_solver: Literal["gram", "full"] = Field(
         "gram", description="'gram': Gram eigendecomposition + Rayleigh-Ritz (fast); 'full': LAPACK SVD"
     )
@@ -51,7 +52,7 @@ class MatrixParams(MethodParams):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     def selector(self) -> MatrixSelector:
-        return make_selector(self.selector_name, self.exclude)
+        return make_selector(self.selector_name, self.exclude, self.include)
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,7 @@ class Merger:
         selector = params.selector()
         self.selected: frozenset[str] = frozenset(selector.select(ctx.layout) if selector else ())
         if selector is not None and not self.selected and ctx.float_keys:
-            raise ConfigError(
-                f"the matrix selector {selector.name!r} (exclude {list(selector.exclude)}) matches none of the "
-                f"{len(ctx.float_keys)} float tensors (layout: {detect_layout(list(ctx.layout))}), so no matrix would "
-                "be factorized; pass selector=all_2d or adjust exclude"
-            )
+            raise ConfigError(explain_empty_selection(selector, ctx.layout))
 
     def prepare(self, source: TensorSource) -> None:
         """Optional pass over the inputs (global statistics) before the streaming merge."""
