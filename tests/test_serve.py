@@ -84,6 +84,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect server; yields its API URL."""
+    import sqlalchemy
+
+    assert tuple(map(int, sqlalchemy.__version__.split(".")[:2])) < (2, 1), (
+        f"SQLAlchemy {sqlalchemy.__version__}: prefect 3.8.8's scheduler needs < 2.1 (pyproject.toml pins it; "
+        "rerun scripts/setup.sh)"
+    )
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -181,15 +187,24 @@ def served(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
 
 
 def test_serve_refuses_the_ephemeral_api_with_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [str(BIN / "mergeflow"), "serve"], env=_env(tmp_path / "home"), cwd=tmp_path, capture_output=True, text=True,
-        timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("mergeflow: error: mergeflow serve needs a Prefect server")
-    assert "prefect server start" in lines[0] and "PREFECT_API_URL=http://127.0.0.1:4200/api" in lines[0]
+    """Without PREFECT_API_URL (and with one that does not answer): exit 2 and one line saying what to do."""
+    down = f"http://127.0.0.1:{_free_port()}/api"
+
+    def serve(name: str, **extra: str) -> subprocess.Popen[str]:
+        env, pipe = _env(tmp_path / name, **extra), subprocess.PIPE
+        return subprocess.Popen(
+            [str(BIN / "mergeflow"), "serve"], env=env, cwd=tmp_path, stdout=pipe, stderr=pipe, text=True
+        )
+
+    runs = [serve("unset"), serve("down", PREFECT_API_URL=down)]  # at once: each imports torch and Prefect
+    (unset_err, unset), (refused_err, refused) = [(p.communicate(timeout=120)[1], p.returncode) for p in runs]
+    assert unset == refused == 2
+    assert len(unset_err.strip().splitlines()) == 1, unset_err
+    assert unset_err.startswith("mergeflow: error: mergeflow serve needs a Prefect server")
+    assert "prefect server start" in unset_err and "PREFECT_API_URL=http://127.0.0.1:4200/api" in unset_err
+    assert refused_err.strip().splitlines() == [
+        f"mergeflow: error: Prefect API at {down} does not answer (ConnectError): is the server up?"
+    ]
 
 
 def test_the_scheduled_run_is_picked_up_and_completes(served: dict[str, Any], api: Any) -> None:
