@@ -58,7 +58,8 @@ def pipeline(
     lock_timeout_s: float = LOCK_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Run the job described by ``params_file``, a run ``preset`` overlay and dotted ``overrides``
-    (all validated before any work starts)."""
+    (all validated before any work starts); wait up to ``lock_timeout_s`` for another run on the
+    same report directory to finish."""
     cfg = load_config(params_file, overrides, preset)
     out_dir = str(Path(cfg.zoo.dir) / "report")
     with report_lock(out_dir, lock_timeout_s), task_runner(cfg.workers, cfg.dask_address) as runner:
@@ -123,12 +124,18 @@ def artifact_key(zoo_name: str, report_dir: str | Path) -> str:
 
 
 def mlflow_run_url(uri: str, run_id: str) -> str | None:
-    """The MLflow UI page of a run on an HTTP tracking server (None for a file or SQLite store)."""
+    """The MLflow UI page of a run on an HTTP tracking server (None for a file or SQLite store, or
+    when the server cannot say which experiment the run is in: the link is a convenience)."""
     if not uri.startswith(("http://", "https://")):
         return None
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    try:
+        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    except (MlflowException, OSError) as exc:
+        log.warning("no link to MLflow run %s: %s", run_id, exc)
+        return None
     return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 

@@ -306,14 +306,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from flows.pipeline import nightly_deployment
 
-    deployment = nightly_deployment(
-        str(Path(args.params).resolve()),
-        args.preset,
-        overrides,
-        cron=args.cron,
-        interval_s=args.interval,
-        name=args.name,
-    )
+    if args.interval is not None and not args.interval > 0:
+        raise MergeflowError(f"--interval {args.interval:g}: expected a positive number of seconds")
+    try:
+        deployment = nightly_deployment(
+            str(Path(args.params).resolve()), args.preset, overrides, args.cron, args.interval, args.name
+        )
+    except ValueError as exc:  # the schedule's own validation (pydantic's ValidationError is a ValueError)
+        given = f"--cron {args.cron!r}" if args.interval is None else f"--interval {args.interval:g}"
+        raise MergeflowError(f"{given}: not a valid schedule ({_pydantic_detail(exc)})") from None
     log.info("serving deployment %s of mergeflow-pipeline against %s", args.name, url)
     serve(deployment)
     return 0

@@ -207,6 +207,30 @@ def test_serve_refuses_the_ephemeral_api_with_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_serve_refuses_a_bad_schedule_in_one_line(server: str, tmp_path: Path) -> None:
+    params = _params(tmp_path / "params.yaml")
+    env, pipe = _env(tmp_path / "home", PREFECT_API_URL=server), subprocess.PIPE
+    runs = [
+        subprocess.Popen(
+            [str(BIN / "mergeflow"), "serve", "--params", str(params), *schedule],
+            env=env,
+            cwd=tmp_path,
+            stdout=pipe,
+            stderr=pipe,
+            text=True,
+        )
+        for schedule in (["--cron", "every night"], ["--interval", "-5"])
+    ]
+    (cron_err, cron), (interval_err, interval) = [(p.communicate(timeout=120)[1], p.returncode) for p in runs]
+    assert cron == interval == 2
+    assert cron_err.strip().splitlines() == [
+        "mergeflow: error: --cron 'every night': not a valid schedule (Invalid cron string: \"every night\")"
+    ]
+    assert interval_err.strip().splitlines() == [
+        "mergeflow: error: --interval -5: expected a positive number of seconds"
+    ]
+
+
 def test_the_scheduled_run_is_picked_up_and_completes(served: dict[str, Any], api: Any) -> None:
     run = served["scheduled"]
     assert run.state.is_completed(), run.state
