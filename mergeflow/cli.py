@@ -242,18 +242,23 @@ def _quiet_offline_services() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    _quiet_offline_services()
-    from flows.pipeline import pipeline
-    from flows.runners import task_runner
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set`` and ``--dask`` as overrides of params.yaml, validated with the preset before any work."""
     from mergeflow.config import load_config
 
     overrides = parse_assignments(args.set)
     if args.dask:
         overrides["dask_address"] = args.dask
-    cfg = load_config(args.params, overrides, args.preset)  # report bad parameters before Prefect starts anything
-    runner = pipeline.with_options(task_runner=task_runner(cfg.workers, cfg.dask_address))
-    result = runner(params_file=args.params, overrides=overrides, preset=args.preset, track_mlflow=not args.no_mlflow)
+    load_config(args.params, overrides, args.preset)
+    return overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _quiet_offline_services()
+    from flows.pipeline import pipeline
+
+    overrides = _run_overrides(args)  # bad parameters are reported before Prefect starts anything
+    result = pipeline(params_file=args.params, overrides=overrides, preset=args.preset, track_mlflow=not args.no_mlflow)
     sys.stdout.write(result["table"] + "\n")
     for step, state in result["steps"].items():
         sys.stdout.write(f"{step}: {state}\n")
@@ -279,13 +284,46 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_NEEDS_SERVER = (
+    "mergeflow serve needs a Prefect server (on the ephemeral API schedules never fire): run `prefect server start` "
+    "and set PREFECT_API_URL=http://127.0.0.1:4200/api (or point PREFECT_API_URL at your team's server)"
+)
+
+
+def _prefect_server() -> str:
+    """The configured Prefect API, checked to answer; a one-line error when none is configured or it is down."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise MergeflowError(SERVE_NEEDS_SERVER)
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise MergeflowError(f"Prefect API at {url} does not answer ({failure.__class__.__name__}): is the server up?")
+    return url
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     _quiet_offline_services()
+    url = _prefect_server()
+    overrides = _run_overrides(args)
     from prefect import serve
 
     from flows.pipeline import nightly_deployment
 
-    serve(nightly_deployment(args.params))
+    if args.interval is not None and not args.interval > 0:
+        raise MergeflowError(f"--interval {args.interval:g}: expected a positive number of seconds")
+    try:
+        deployment = nightly_deployment(
+            str(Path(args.params).resolve()), args.preset, overrides, args.cron, args.interval, args.name
+        )
+    except ValueError as exc:  # the schedule's own validation (pydantic's ValidationError is a ValueError)
+        given = f"--cron {args.cron!r}" if args.interval is None else f"--interval {args.interval:g}"
+        raise MergeflowError(f"{given}: not a valid schedule ({_pydantic_detail(exc)})") from None
+    log.info("serving deployment %s of mergeflow-pipeline against %s", args.name, url)
+    serve(deployment)
     return 0
 
 
@@ -418,8 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--manifest", metavar="FILE", help="task-vectors on a `mergeflow acquire` manifest (e.g. a paper preset)"
     )
     analyze.set_defaults(func=_cmd_analyze)
-    serve = sub.add_parser("serve", help="serve the nightly deployment of the pipeline (cron 0 2 * * *)")
+    serve = sub.add_parser(
+        "serve", help="serve a scheduled deployment of the pipeline on a Prefect server (default: cron 0 2 * * *)",
+        description="Needs a Prefect server: `prefect server start` and PREFECT_API_URL=http://127.0.0.1:4200/api "
+        "(or a team server). Runs start here, one per report directory at a time.",
+    )  # fmt: skip
     serve.add_argument("--params", default="params.yaml", metavar="FILE")
+    serve.add_argument("--preset", metavar="NAME", help="a run preset every run of the deployment uses")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override params.yaml")
+    serve.add_argument("--dask", metavar="ADDRESS", help="run tasks on a Dask cluster: tcp://host:8786, or 'local'")
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", default="0 2 * * *", metavar="CRON", help="schedule (default: 0 2 * * *, nightly)")
+    when.add_argument(
+        "--interval", type=float, metavar="SECONDS", help="run every SECONDS instead, the first run 10 s after serving"
+    )
+    serve.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
     serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="a 3-second merge of synthetic example checkpoints with every method")

@@ -1,4 +1,11 @@
-"""The pipeline's steps as cached Prefect tasks; each body is one library call."""
+"""The pipeline's steps as cached Prefect tasks; each body is one library call.
+
+Task runs are named for what they do (``select:cart``, ``adapt:adamerging``,
+``evaluate:cart[λ=2, k=0.12]``). Steps whose failures can be transient (building a zoo fetches
+and writes files; tracking talks to MLflow) are retried with exponential backoff, but only on
+I/O-like errors (:func:`is_transient`): a bad input fails at once. The merge and evaluation math
+is deterministic and never retried.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,14 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import Task, exponential_backoff
 
 from mergeflow.adamerging import AdaMergingParams
 from mergeflow.codeid import code_identity
+from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.tracking import log_report
 from mergeflow.zoo.adapt import adapt_zoo
@@ -23,6 +33,26 @@ from mergeflow.zoo.report import assemble_report
 from mergeflow.zoo.selection import evaluate_baselines, evaluate_grid_point, select_method
 from mergeflow.zoo.text_model import MINILM_SHA256
 from tasks.caching import content_key
+
+RETRIES = 3
+BACKOFF_S = 5.0  # then 10 s, 20 s
+TRANSIENT_MODULES = ("mlflow", "httpx", "httpcore", "requests", "urllib3", "huggingface_hub", "aiohttp")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth retrying: the OS, the network or a tracking server, not bad input or a bug."""
+    if isinstance(exc, MergeflowError):
+        return False
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in TRANSIENT_MODULES
+
+
+def retry_transient(_: Task[..., Any], __: TaskRun, state: State[Any]) -> bool:
+    """Prefect's retry condition: retry a failed run only when :func:`is_transient` says so."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
 
 
 def code_of(function: Callable[..., Any]) -> str:
@@ -43,7 +73,10 @@ def zoo_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     )
 
 
-@task(name="build-zoo", cache_key_fn=zoo_cache_key, persist_result=True)
+@task(
+    name="build-zoo", task_run_name="build-zoo:{name}", cache_key_fn=zoo_cache_key, persist_result=True,
+    retries=RETRIES, retry_delay_seconds=exponential_backoff(BACKOFF_S), retry_condition_fn=retry_transient,
+)  # fmt: skip
 def build_zoo(directory: str, config: dict[str, Any], name: str = "text-minilm") -> dict[str, Any]:
     """Data, heads and fine-tunes of the configured zoo (text-minilm or vision-tiny)."""
     return build_named_zoo(name, directory, config)
@@ -67,7 +100,7 @@ def baselines_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     )
 
 
-@task(name="baselines", cache_key_fn=baselines_cache_key, persist_result=True)
+@task(name="baselines", task_run_name="baselines", cache_key_fn=baselines_cache_key, persist_result=True)
 def baselines(zoo: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """θ0 and every fine-tune evaluated on every task."""
     return evaluate_baselines(zoo_dir(zoo), out_dir)
@@ -87,19 +120,27 @@ def evaluate_point(job: list[Any]) -> list[dict[str, dict[str, float]]]:
     return evaluate_grid_point(*job)
 
 
-def point_tasks(workers: int) -> Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]:
-    """Evaluate grid points as Prefect tasks, ``workers`` at a time, on a runner of their own (a
-    child submitted to the parent's busy runner would wait forever for a free worker)."""
+def point_tasks(workers: int) -> Callable[[Callable[..., Any], list[tuple[Any, ...]], list[str]], list[Any]]:
+    """Evaluate grid points as Prefect tasks named ``evaluate:<label>``, ``workers`` at a time, on a
+    runner of their own (a child submitted to the parent's busy runner would wait forever for a
+    free worker)."""
 
-    def run(_: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
+    def run(_: Callable[..., Any], jobs: list[tuple[Any, ...]], labels: list[str]) -> list[Any]:
         with ThreadPoolTaskRunner(max_workers=max(1, workers)) as runner:
-            futures = [runner.submit(evaluate_point, parameters={"job": list(job)}) for job in jobs]
-            return [future.result() for future in futures]
+
+            def submit(job: tuple[Any, ...], label: str) -> Any:
+                return runner.submit(evaluate_point.with_options(task_run_name=f"evaluate:{label}"), {"job": list(job)})
+
+            # the first point runs alone: it loads the evaluator (imports, model) before threads share it
+            # (concurrent first imports of transformers in a fresh Dask worker fail with ImportError)
+            first = [submit(jobs[0], labels[0]).result()] if jobs else []
+            futures = [submit(job, label) for job, label in zip(jobs[1:], labels[1:], strict=True)]
+            return first + [future.result() for future in futures]
 
     return run
 
 
-@task(name="select", cache_key_fn=select_cache_key, persist_result=True)
+@task(name="select", task_run_name="select:{method}", cache_key_fn=select_cache_key, persist_result=True)
 def select(
     zoo: dict[str, Any],
     method: str,
@@ -125,19 +166,22 @@ def adapt_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
-@task(name="adapt", cache_key_fn=adapt_cache_key, persist_result=True)
+@task(name="adapt", task_run_name="adapt:{name}", cache_key_fn=adapt_cache_key, persist_result=True)
 def adapt(zoo: dict[str, Any], name: str, params: dict[str, Any], out_dir: str, device: str = "auto") -> dict[str, Any]:
     """AdaMerging: coefficients learned on unlabelled test batches (GPU when present), then evaluated."""
     return adapt_zoo(zoo_dir(zoo), name, AdaMergingParams(**params), out_dir, device)
 
 
-@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+@task(name="report", task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
 def report(zoo: dict[str, Any], base: dict[str, Any], selections: dict[str, Any], out_dir: str, criterion: str) -> dict:
     """Assemble the table, JSON, metrics and plots (cheap: no caching)."""
     return assemble_report(zoo_dir(zoo), base, selections, out_dir, criterion)
 
 
-@task(name="track", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="track", task_run_name="track:mlflow", cache_policy=NO_CACHE, persist_result=False,
+    retries=RETRIES, retry_delay_seconds=exponential_backoff(BACKOFF_S), retry_condition_fn=retry_transient,
+)  # fmt: skip
 def track(result: dict[str, Any], out_dir: str, uri: str | None = None) -> str:
     """Log the report to MLflow (a new parent run per pipeline run)."""
     return log_report(result, out_dir, uri)

@@ -74,13 +74,15 @@ def test_nightly_deployment_schedule_and_parameters() -> None:
 
 
 def test_the_flow_runs_on_a_local_dask_cluster(prefect_server, tmp_path: Path) -> None:
-    """The same flow through prefect-dask (worker processes); a thread rerun then finds every step cached."""
+    """The same flow through prefect-dask (worker processes), chosen by the configuration alone (the flow
+    builds its task runner from ``dask_address`` and ``workers``); a thread rerun then finds every step cached."""
     from flows.runners import task_runner
 
     params = _params(tmp_path / "params.yaml", cart_scaling=2.0)
     steps = ["build-zoo", "baselines", "select:weight_average", "select:cart", "adapt:adamerging"]
-    on_dask = pipeline.with_options(task_runner=task_runner(2, "local"))(params_file=str(params), track_mlflow=False)
+    dask = {"dask_address": "local", "workers": 2}
+    on_dask = pipeline(params_file=str(params), overrides=dask, track_mlflow=False)
     assert on_dask["steps"] == dict.fromkeys(steps, "Completed")
     assert type(task_runner(2, "local")).__name__ == "DaskTaskRunner"
-    on_threads = pipeline.with_options(task_runner=task_runner(1))(params_file=str(params), track_mlflow=False)
+    on_threads = pipeline(params_file=str(params), track_mlflow=False)
     assert on_threads["steps"] == dict.fromkeys(steps, "Cached") and on_threads["table"] == on_dask["table"]

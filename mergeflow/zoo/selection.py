@@ -96,11 +96,33 @@ def evaluate_grid_point(
     return results
 
 
-def _serial(function: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
+def _serial(function: Callable[..., Any], jobs: list[tuple[Any, ...]], labels: list[str]) -> list[Any]:
     return [function(*job) for job in jobs]
 
 
-MapPoints = Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
+MapPoints = Callable[[Callable[..., Any], list[tuple[Any, ...]], list[str]], list[Any]]
+
+SYMBOLS = {"scaling": "λ", "rank_ratio": "k"}  # the papers' names for the parameters grids vary most
+
+
+def point_labels(method: str, points: list[dict[str, Any]]) -> list[str]:
+    """``cart[λ=2, k=0.12]`` per point: the method and the parameters that differ between the points."""
+    varying = [k for k in dict.fromkeys(k for p in points for k in p) if len({repr(p.get(k)) for p in points}) > 1]
+
+    def show(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    labels = []
+    for point in points:
+        shown = ", ".join(
+            f"{SYMBOLS.get(k, k)}={show(point[k])}" for k in sorted(varying, key=_label_order) if k in point
+        )
+        labels.append(f"{method}[{shown}]" if shown else method)
+    return labels
+
+
+def _label_order(name: str) -> tuple[int, str]:
+    return (list(SYMBOLS).index(name) if name in SYMBOLS else len(SYMBOLS), name)
 
 
 def score_grid_points(
@@ -116,9 +138,10 @@ def score_grid_points(
     """Evaluate grid points of one method on ``split`` from a grid basis (see :mod:`mergeflow.grid`).
 
     The basis (one merge pass) is built only when some point's evaluation is not cached, and removed
-    afterwards unless ``keep_basis``. ``map_points(fn, jobs)`` runs the evaluations (default: one
-    after another). Returns [(point parameters, results per output model)] in grid-group order, and
-    the merge pass's seconds (None when no pass was needed).
+    afterwards unless ``keep_basis``. ``map_points(fn, jobs, labels)`` runs the evaluations (default:
+    one after another; ``labels`` name each point, see :func:`point_labels`). Returns [(point
+    parameters, results per output model)] in grid-group order, and the merge pass's seconds (None
+    when no pass was needed).
     """
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
     zoo = read_zoo(zoo_dir)
@@ -142,14 +165,11 @@ def score_grid_points(
             if built["key"] != key:
                 raise MergeflowError(f"{method}: the grid basis was built from inputs that changed meanwhile")
         seconds = time.perf_counter() - start
-    evaluated = (map_points or _serial)(evaluate_grid_point, jobs)
+    values = [{**groups[job[3]]["params"], **({} if job[4] is None else {"scaling": job[4]})} for job in jobs]
+    evaluated = (map_points or _serial)(evaluate_grid_point, jobs, point_labels(method, values))
     if not keep_basis:
         remove_basis(basis_dir)
-    scored = []
-    for job, results in zip(jobs, evaluated, strict=True):
-        values = {**groups[job[3]]["params"], **({} if job[4] is None else {"scaling": job[4]})}
-        scored.append((values, results))
-    return scored, seconds
+    return list(zip(values, evaluated, strict=True)), seconds
 
 
 def select_method(
@@ -166,7 +186,7 @@ def select_method(
     """Score every grid point of one method on validation, merge the best exactly, test it once.
 
     The grid's points come from one streamed merge pass (:func:`score_grid_points`);
-    ``map_points(fn, jobs)`` evaluates them (default: one after another; the pipeline passes
+    ``map_points(fn, jobs, labels)`` evaluates them (default: one after another; the pipeline passes
     concurrent tasks). Only the chosen model stays on disk.
     """
     zoo_dir, out_dir = Path(zoo_dir), Path(out_dir)
