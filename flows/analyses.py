@@ -105,7 +105,7 @@ def rank_curve(params_file: str = "params.yaml", preset: str | None = None, trac
     cfg = load_config(params_file, preset=preset)
     zoo = _zoo(cfg)
     settings = cfg.analysis.rank_curve
-    out = Path(cfg.zoo.dir) / "report"
+    out = cfg.report_path()
     inputs = {"zoo": zoo_content(zoo), "settings": settings.model_dump(mode="json"),
               "code": code_identity(cart_rank_curve.__module__)}  # fmt: skip
     result = compute.with_options(name="analysis:rank-curve")(

@@ -61,7 +61,7 @@ def pipeline(
     (all validated before any work starts); wait up to ``lock_timeout_s`` for another run on the
     same report directory to finish."""
     cfg = load_config(params_file, overrides, preset)
-    out_dir = str(Path(cfg.zoo.dir) / "report")
+    out_dir = str(cfg.report_path())
     with report_lock(out_dir, lock_timeout_s), task_runner(cfg.workers, cfg.dask_address) as runner:
         zoo_args = (str(cfg.zoo.dir), cfg.zoo.settings(), cfg.zoo.name)
         zoo_state = _state_of(

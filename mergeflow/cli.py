@@ -218,8 +218,9 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.params, preset=args.preset)
     zoo_dir = Path(args.dir or cfg.zoo.dir)
+    out_dir = Path(args.output) if args.output else (zoo_dir / "report" if args.dir else cfg.report_path())
     report = zoo_report(
-        zoo_dir, cfg.methods, cfg.selection.grids, args.output or zoo_dir / "report",
+        zoo_dir, cfg.methods, cfg.selection.grids, out_dir,
         criterion=cfg.selection.criterion, device=cfg.device, adaptation=cfg.adaptation,
     )  # fmt: skip
     sys.stdout.write(render(report) + "\n")
@@ -227,7 +228,7 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
         from mergeflow.tracking import log_report, tracking_uri
 
         uri = tracking_uri(cfg.tracking.uri)
-        run_id = log_report(report, args.output or zoo_dir / "report", uri)
+        run_id = log_report(report, out_dir, uri)
         sys.stdout.write(f"MLflow run {run_id} at {uri}\n")
     return 0
 

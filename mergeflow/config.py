@@ -119,6 +119,8 @@ class RunConfig(BaseModel):
     precision: Literal["float32", "float64"] = "float32"
     workers: int = Field(1, ge=1, description="pipeline tasks run at once (threads, or local Dask workers)")
     dask_address: str | None = Field(None, description="Dask scheduler (tcp://host:8786) or 'local'; None: threads")
+    preset: str | None = Field(None, description="the run preset applied over this file (presets/NAME.yaml)")
+    report_dir: str | None = Field(None, description="where `mergeflow run` writes the report; None: <zoo.dir>/report")
     demo: DemoConfig = DemoConfig()
     acquire: AcquireConfig = AcquireConfig()
     zoo: ZooSection = ZooSection()
@@ -144,6 +146,10 @@ class RunConfig(BaseModel):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    def report_path(self) -> Path:
+        """The report directory: ``report_dir``, or ``report`` inside the zoo's directory."""
+        return Path(self.report_dir) if self.report_dir else Path(self.zoo.dir) / "report"
 
     def method_params(self) -> dict[str, MethodParams]:
         return {name: parse_params(name, params or {}) for name, params in self.methods.items()}
@@ -249,12 +255,20 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, pr
     path = Path(path)
     raw = _read_yaml(path)
     where = str(path)
+    if preset is None:  # the file's own ``preset:`` entry (or an override of it: `dvc exp run -S preset=quick`)
+        preset = (overrides or {}).get("preset", raw.get("preset"))
     if preset is not None:
         presets = run_presets(path)
-        if preset not in presets:
-            raise ConfigError(f"unknown run preset {preset!r}; known: {', '.join(presets) or 'none'}")
-        raw = _deep_merge(raw, _read_yaml(presets[preset]))
+        if not isinstance(preset, str) or preset not in presets:
+            raise ConfigError(f"{where}: unknown run preset {preset!r}; known: {', '.join(presets) or 'none'}")
+        overlay = _read_yaml(presets[preset])
+        if "preset" in overlay:
+            raise ConfigError(
+                f"{presets[preset]}: a run preset cannot name another preset (preset: {overlay['preset']!r})"
+            )
+        raw = {**_deep_merge(raw, overlay), "preset": preset}
         where += f" with preset {presets[preset]}"
+    overrides = {k: v for k, v in (overrides or {}).items() if k != "preset"}
     if overrides:
         raw = apply_overrides(raw, overrides)
         where += " and --set overrides"

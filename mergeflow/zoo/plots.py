@@ -41,6 +41,40 @@ PLOTS = ("accuracy_by_task.png", "cart_rank_curve.png", "cart_grid_heatmap.png",
          "adaptation_entropy.png", "compression.png")  # fmt: skip
 
 
+def rank_curve(report: dict[str, Any]) -> list[dict[str, float]]:
+    """CART's best validation score (%) over the scalings at each rank ratio, by increasing rank."""
+    best: dict[float, float] = {}
+    for p in report["sweeps"].get("cart", []):
+        r = p["params"]["rank_ratio"]
+        best[r] = max(best.get(r, float("-inf")), 100 * p["score"])
+    return [{"rank_ratio": r, "score": best[r]} for r in sorted(best)] if len(best) > 1 else []
+
+
+def scaling_curves(report: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Per method with more than one scaling in its grid: (λ, best validation score % at that λ)."""
+    curves = {}
+    for method, sweep in report["sweeps"].items():
+        by_scaling: dict[float, float] = {}
+        for p in sweep:
+            if "scaling" in p["params"]:
+                s = p["params"]["scaling"]
+                by_scaling[s] = max(by_scaling.get(s, float("-inf")), 100 * p["score"])
+        if len(by_scaling) > 1:
+            curves[method] = sorted(by_scaling.items())
+    return curves
+
+
+def plot_series(report: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+    """The curves as data series (``dvc plots`` overlays them across experiments): ``rank_curve`` and
+    ``scaling/<method>``, each a list of points."""
+    series: dict[str, list[dict[str, float]]] = {}
+    if rank_curve(report):
+        series["rank_curve"] = rank_curve(report)
+    for method, points in scaling_curves(report).items():
+        series[f"scaling/{method}"] = [{"scaling": x, "score": y} for x, y in points]
+    return series
+
+
 def _plot_grids(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
     """CART: best validation score per rank (the bell-curve question) and the scaling × rank heatmap;
     every method: validation score against scaling."""
@@ -50,8 +84,8 @@ def _plot_grids(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
         scalings = sorted({p["params"]["scaling"] for p in cart})
         score = {(p["params"]["rank_ratio"], p["params"]["scaling"]): 100 * p["score"] for p in cart}
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        ax.plot(ranks, [max(score.get((r, s), float("-inf")) for s in scalings) for r in ranks], marker="o",
-                label="best scaling per rank")  # fmt: skip
+        best = rank_curve(report)
+        ax.plot([p["rank_ratio"] for p in best], [p["score"] for p in best], marker="o", label="best scaling per rank")
         for s in scalings[:: max(1, len(scalings) // 4)]:
             ax.plot(ranks, [score.get((r, s), float("nan")) for r in ranks], alpha=0.5, lw=1, label=f"scaling {s}")
         ax.set_xscale("log")
@@ -77,15 +111,7 @@ def _plot_grids(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / "cart_grid_heatmap.png", dpi=110)
         plt.close(fig)
-    curves = {}
-    for method, sweep in report["sweeps"].items():
-        by_scaling: dict[float, float] = {}
-        for p in sweep:
-            if "scaling" in p["params"]:
-                s = p["params"]["scaling"]
-                by_scaling[s] = max(by_scaling.get(s, float("-inf")), 100 * p["score"])
-        if len(by_scaling) > 1:
-            curves[method] = sorted(by_scaling.items())
+    curves = scaling_curves(report)
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for method, points in curves.items():

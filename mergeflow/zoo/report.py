@@ -13,7 +13,7 @@ from typing import Any
 
 from mergeflow.writer import write_text_atomic
 from mergeflow.zoo.description import read_zoo
-from mergeflow.zoo.plots import PLOTS, compression_rows, plot_report
+from mergeflow.zoo.plots import PLOTS, compression_rows, plot_report, plot_series
 from mergeflow.zoo.selection import mean, normalized
 
 __all__ = ["PLOTS", "assemble_report", "compression_rows", "render", "render_compression"]
@@ -56,7 +56,19 @@ def assemble_report(
     metrics = {r["method"]: {"mean": r["mean"], "normalized": r["normalized"]} for r in rows}
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     plot_report(report, out_dir)
+    write_series(plot_series(report), out_dir / "plots")
     return report
+
+
+def write_series(series: dict[str, list[dict[str, float]]], folder: Path) -> None:
+    """One JSON list of points per series (``folder/<name>.json``); series of an earlier report that
+    this one no longer has are removed, so no stale curve is read as current."""
+    for name, points in series.items():
+        write_text_atomic(folder / f"{name}.json", json.dumps(points, indent=1))
+    wanted = {folder / f"{name}.json" for name in series}
+    for old in folder.rglob("*.json") if folder.is_dir() else ():
+        if old not in wanted:
+            old.unlink()
 
 
 # selection plumbing, not a choice the grid made
