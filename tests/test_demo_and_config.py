@@ -112,6 +112,34 @@ def test_run_presets_overlay_params_and_overrides_win(tmp_path: Path) -> None:
         load_config(params, preset="narrow")
 
 
+def test_the_preset_named_in_params_yaml_applies_and_the_cli_one_wins(tmp_path: Path) -> None:
+    """`preset:` in params.yaml (what `dvc exp run -S preset=NAME` sets) lays the overlay; --preset and
+    an override of `preset` win; an overlay naming a preset itself is refused."""
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: wide\nmethods: {cart: {scaling: 2.0}}\nselection: {grids: {cart: {scaling: [1.0]}}}\n")
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "wide.yaml").write_text("selection: {grids: {cart: {scaling: [1.0, 2.0, 3.0]}}}\n")
+    (tmp_path / "presets" / "one.yaml").write_text("selection: {grids: {cart: {scaling: [4.0]}}}\n")
+    (tmp_path / "presets" / "loop.yaml").write_text("preset: wide\n")
+    assert load_config(params).selection.grids["cart"]["scaling"] == [1.0, 2.0, 3.0]
+    assert load_config(params).preset == "wide"
+    assert load_config(params, preset="one").selection.grids["cart"]["scaling"] == [4.0]
+    by_override = load_config(params, {"preset": "one"})
+    assert by_override.preset == "one" and by_override.selection.grids["cart"]["scaling"] == [4.0]
+    assert load_config(params, {"preset": None}).selection.grids["cart"]["scaling"] == [1.0]
+    with pytest.raises(ConfigError, match="a run preset cannot name another"):
+        load_config(params, preset="loop")
+    with pytest.raises(ConfigError, match=r"params.yaml: unknown run preset 'gone'"):
+        load_config(params, {"preset": "gone"})
+
+
+def test_the_report_directory_is_the_zoo_s_unless_report_dir_says(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("zoo: {dir: z}\n")
+    assert load_config(params).report_path() == Path("z") / "report"
+    assert load_config(params, {"report_dir": "out/report"}).report_path() == Path("out/report")
+
+
 def test_the_shipped_presets_are_valid() -> None:
     root = Path(__file__).resolve().parents[1]
     presets = run_presets(root / "params.yaml")

@@ -1,11 +1,13 @@
-"""The report's compression comparison: per-task methods against the best single merged model."""
+"""The report's compression comparison (per-task methods against the best single merged model) and its
+curves as data series."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from mergeflow.zoo.plots import plot_report
-from mergeflow.zoo.report import render_compression
+from mergeflow.zoo.plots import plot_report, plot_series
+from mergeflow.zoo.report import render_compression, write_series
 
 
 def _row(method: str, normalized: float, storage: dict | None = None, grid: int = 3) -> dict:
@@ -34,3 +36,29 @@ def test_compression_table_ranks_per_task_methods_beside_the_best_single_model(t
 
 def test_no_per_task_method_no_compression_section(tmp_path: Path) -> None:
     assert render_compression({"tasks": ["a"], "rows": [_row("cart", 0.9)]}) == ""
+
+
+def _point(method: str, score: float, **params: float) -> dict:
+    return {"params": params, "score": score, "validation": {}}
+
+
+def test_curves_are_data_series_and_stale_ones_are_removed(tmp_path: Path) -> None:
+    sweeps = {
+        "cart": [_point("cart", 0.5, rank_ratio=0.1, scaling=1.0), _point("cart", 0.7, rank_ratio=0.1, scaling=2.0),
+                 _point("cart", 0.6, rank_ratio=0.2, scaling=1.0), _point("cart", 0.4, rank_ratio=0.2, scaling=2.0)],
+        "ties": [_point("ties", 0.3, scaling=0.5), _point("ties", 0.2, scaling=1.0)],
+        "lines": [_point("lines", 0.3, beta=0.5), _point("lines", 0.2, beta=1.0)],
+    }  # fmt: skip
+    series = plot_series({"sweeps": sweeps})
+    assert series["rank_curve"] == [{"rank_ratio": 0.1, "score": 70.0}, {"rank_ratio": 0.2, "score": 60.0}]
+    assert series["scaling/cart"] == [{"scaling": 1.0, "score": 60.0}, {"scaling": 2.0, "score": 70.0}]
+    assert series["scaling/ties"] == [{"scaling": 0.5, "score": 30.0}, {"scaling": 1.0, "score": 20.0}]
+    assert set(series) == {"rank_curve", "scaling/cart", "scaling/ties"}  # no scaling axis, no curve
+    folder = tmp_path / "plots"
+    (folder / "scaling").mkdir(parents=True)
+    (folder / "scaling" / "dropped.json").write_text("[]")  # a method an earlier report had
+    write_series(series, folder)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json")) == [
+        "rank_curve.json", "scaling/cart.json", "scaling/ties.json"
+    ]
+    assert json.loads((folder / "rank_curve.json").read_text()) == series["rank_curve"]
