@@ -74,3 +74,11 @@ def max_rel_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 
 def load(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
+
+
+def prefect_harness():
+    """Prefect's test harness (a temporary database and API server) with a start-up timeout a loaded
+    2-core CI machine meets (Prefect's default is 30 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    return prefect_test_harness(server_startup_timeout=240)

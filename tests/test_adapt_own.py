@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import prefect_harness
 from toy_evaluator import make, write_checkpoints
 
 from mergeflow.adamerging import AdaMergingParams, adaptation_vectors, combine
@@ -87,13 +88,12 @@ def test_the_evaluator_must_have_one_task_per_fine_tune(tmp_path: Path) -> None:
 
 def test_the_flow_runs_caches_and_equals_the_library(tmp_path: Path) -> None:
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.adapt import adapt_flow
 
     theta0, tuned = write_checkpoints(tmp_path / "in")
     out = tmp_path / "flow.safetensors"
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_test_harness():
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_harness():
         first = adapt_flow(theta0, tuned, "toy_evaluator:make", str(out), {"steps": 5, "lr": 0.05}, device="cpu")
         second = adapt_flow(theta0, tuned, "toy_evaluator:make", str(out), {"steps": 5, "lr": 0.05}, device="cpu")
         out.unlink()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import prefect_harness
 
 from mergeflow.analysis.soups import (
     averaged_template,
@@ -153,7 +154,6 @@ def test_vision_models_learn_their_task() -> None:
 def test_analysis_flows_on_tiny_settings(tmp_path: Path) -> None:
     import yaml
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.analyses import ANALYSES
 
@@ -170,7 +170,7 @@ def test_analysis_flows_on_tiny_settings(tmp_path: Path) -> None:
                        "scale_sweep": [2.0, 100.0]},
         },
     }))  # fmt: skip
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_test_harness():
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_harness():
         results = {name: flow(params_file=str(params), track=False) for name, flow in ANALYSES.items()}
     root = tmp_path / "analysis"
     report = (root / "report.md").read_text()
@@ -203,7 +203,6 @@ def test_seeded_fine_tunes_are_distinct_models_and_match_their_files(tmp_path: P
 def test_task_vector_flow_on_an_acquired_manifest(tmp_path: Path) -> None:
     """The paper presets come as `mergeflow acquire` manifests; task-vectors runs on one."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.analyses import task_vectors
 
@@ -213,7 +212,7 @@ def test_task_vector_flow_on_an_acquired_manifest(tmp_path: Path) -> None:
     manifest.write_text(json.dumps({"pretrained": str(theta0), "finetuned": [str(m) for m in models]}))
     params = tmp_path / "params.yaml"
     params.write_text(f"analysis: {{dir: {tmp_path / 'analysis'}}}\n")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_test_harness():
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_harness():
         result = task_vectors(params_file=str(params), track=False, manifest=str(manifest))
     stored = json.loads((tmp_path / "analysis" / "task-vectors" / "task_vectors.json").read_text())
     assert stored["tasks"] == 3 and set(stored["layer_types"]) == {"attn.qkv", "attn.out", "mlp.in", "mlp.out"}

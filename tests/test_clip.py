@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import prefect_harness
 from PIL import Image
 
 from mergeflow.clip.datasets import DatasetError, ImageFolderImages, open_images, validation_split
@@ -311,7 +312,6 @@ def test_clip_zoo_heads_manifests_and_evaluation(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pipeline_runs_on_a_clip_zoo(tmp_path: Path) -> None:
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
 
@@ -323,7 +323,7 @@ def test_pipeline_runs_on_a_clip_zoo(tmp_path: Path) -> None:
         "selection": {"grids": {"cart": {"rank_ratio": [0.25, 1.0], "scaling": [0.5, 1.0]}}},
         "adaptation": {"adamerging_cart": {"over": "cart", "rank_ratio": 0.25, "steps": 2, "batch_size": 4}},
     }))  # fmt: skip
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_test_harness():
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), prefect_harness():
         result = pipeline(params_file=str(params), track_mlflow=False)
     assert set(result["steps"].values()) == {"Completed"}
     assert "| cart |" in result["table"] and "| adamerging_cart |" in result["table"]

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import prefect_harness
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import NIGHTLY_CRON, nightly_deployment, pipeline
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}), prefect_test_harness():
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}), prefect_harness():
         yield
 
 

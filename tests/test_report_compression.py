@@ -59,6 +59,8 @@ def test_curves_are_data_series_and_stale_ones_are_removed(tmp_path: Path) -> No
     (folder / "scaling" / "dropped.json").write_text("[]")  # a method an earlier report had
     write_series(series, folder)
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json")) == [
-        "rank_curve.json", "scaling/cart.json", "scaling/ties.json"
+        "rank_curve.json",
+        "scaling/cart.json",
+        "scaling/ties.json",
     ]
     assert json.loads((folder / "rank_curve.json").read_text()) == series["rank_curve"]
