@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.methods.registry import Affine, TensorSource, register
-from mergeflow.methods.ties import Ties, TiesParams
+from mergeflow.methods.ties import Ties, TiesCommonParams
 
 
 def drop_mask(shape: tuple[int, ...], drop_rate: float, seed: int, key: str, position: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ def drop_and_rescale(tau: torch.Tensor, keep: torch.Tensor, drop_rate: float, re
     return dropped / (1.0 - drop_rate) if rescale else dropped
 
 
-class DareParams(TiesParams):
+class DareParams(TiesCommonParams):
     drop_rate: float = Field(0.5, ge=0.0, lt=1.0, description="p: probability of dropping each task-vector entry")
     rescale: bool = Field(True, description="divide the survivors by 1 − p")
     combine: Literal["ta", "ties"] = Field("ta", description="task arithmetic or TIES on the dropped task vectors")
