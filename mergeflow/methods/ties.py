@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Self
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from mergeflow.methods.gta import consensus_mix, magnitude_keep
 from mergeflow.methods.registry import (
@@ -85,11 +85,18 @@ class TiesCommonParams(MethodParams):
     scaling: float = Field(1.0, description="λ in θ0 + λ·merged")
 
 
-Density = Annotated[float, Field(gt=0.0, le=1.0)]
+def _densities(value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+    values = value if isinstance(value, tuple) else (value,)
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise ValueError("density must be in (0, 1] (one value or one per task)")
+    return value
+
+
+Density = Annotated[float | tuple[float, ...], AfterValidator(_densities)]
 
 
 class TiesParams(TiesCommonParams):
-    density: Density | tuple[Density, ...] = Field(  # type: ignore[assignment]
+    density: Density = Field(  # type: ignore[assignment]
         0.2, description="fraction of entries kept per task (variant mergekit: or one per task)"
     )
     variant: Literal["reference", "mergekit"] = Field(
