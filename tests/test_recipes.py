@@ -247,3 +247,13 @@ def test_out_dtype_and_compute_dtype_are_applied_and_recorded(tmp_path: Path, ca
     # another output dtype is another result: not skipped as up to date
     assert _merge([*argv[:-1], "float16"], capsys)[0] == 0
     assert load_file(out)["w"].dtype == torch.float16
+
+
+def test_recipe_to_a_model_directory_carries_the_recipe_in_its_card(models: Path) -> None:
+    recipe = _write(models / "r.yaml", {**TIES, "out_dtype": "bfloat16", "tokenizer_source": "base"})
+    out = models / "merged"
+    assert cli.main(["-q", "merge", "--config", str(recipe), "--output", str(out), "--format", "hf"]) == 0
+    card = (out / "README.md").read_text()
+    assert "## Recipe" in card and recipe.read_text().rstrip("\n") in card
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # θ0's config carried over
+    assert all(t.dtype == torch.bfloat16 for t in load_file(out / "model-00001-of-00001.safetensors").values())
