@@ -307,18 +307,17 @@ def _resolve(
     return values, per_model
 
 
+def _normalized(weights: Sequence[float]) -> list[float]:
+    """wt / Σs ws: mergekit's ``normalize`` without consensus (a sum below 1e-8 in magnitude counts as 1)."""
+    total = sum(weights)
+    return [w / (1.0 if abs(total) < 1e-8 else total) for w in weights]
+
+
 def _mergekit(
     reader: _Reader, method: str, base: Path | None, entries: Sequence[tuple[Path, dict[str, Any]]],
     shared: Mapping[str, Any],
 ) -> tuple[str, dict[str, Any], Path, list[Path]]:  # fmt: skip
     """A method both tools have, with mergekit 0.1.5's meaning (see docs/recipes.md)."""
-    if method in ("dare_ties", "dare_linear"):
-        raise reader.fail(
-            "merge_method",
-            f"{method} is not supported in recipes: mergekit's drop masks come from torch's global random stream "
-            "and are rescaled by their L1 norm, which mergeflow does not reproduce; use merge_method: dare with "
-            "mergeflow's parameters (seeded masks, rescaling by 1/(1 - p))",
-        )
     if method == "linear":
         tuned = [(i, p, params) for i, (p, params) in enumerate(entries)]
         if base is not None and not any(_same(p, base) for p, _ in entries):
@@ -338,6 +337,8 @@ def _mergekit(
                 raise reader.fail("models", "the weights sum to 0, and normalize: true divides by their sum")
             weights = [w / total for w in weights]
         return "weight_average", {"weights": tuple(weights)}, pretrained, finetuned
+    if method in ("dare_ties", "dare_linear"):
+        return "dare", _dare(method, values, per_model, weights), pretrained, finetuned
     if values["rescale"] and method != "task_arithmetic":
         raise reader.fail(
             "parameters.rescale", "true (rescaling the kept entries to the L1 norm of τ) is not supported by mergeflow"
@@ -345,8 +346,7 @@ def _mergekit(
     scaling = values["lambda"]
     if method == "task_arithmetic":
         if values["normalize"]:
-            total = sum(weights)
-            weights = [w / (1.0 if abs(total) < 1e-8 else total) for w in weights]
+            weights = _normalized(weights)
         return "task_arithmetic", {"weights": tuple(weights), "scaling": scaling}, pretrained, finetuned
     densities = [m["density"] for m in per_model]
     if method == "ties":
@@ -365,10 +365,25 @@ def _mergekit(
     if values["normalize"] and ties:
         raise reader.fail("parameters.normalize", "true is not supported for breadcrumbs_ties by mergeflow")
     if values["normalize"]:
-        total = sum(weights)
-        weights = [w / (1.0 if abs(total) < 1e-8 else total) for w in weights]
+        weights = _normalized(weights)
     params = {
         "variant": "mergekit", "density": min(densities[0], 1.0), "gamma": per_model[0]["gamma"],
         "sign_election": ties, "weights": tuple(weights), "scaling": scaling,
     }  # fmt: skip
     return "breadcrumbs", params, pretrained, finetuned
+
+
+def _dare(
+    method: str, values: Mapping[str, Any], per_model: Sequence[Mapping[str, float]], weights: list[float]
+) -> dict:
+    """dare_ties / dare_linear as mergeflow's dare, variant mergekit: p = 1 − density per model (0 where
+    density ≥ 1), the L1 ``rescale``, the weights; masks are mergeflow's seeded ones (seed 0)."""
+    ties = method == "dare_ties"
+    if values["normalize"] and not ties:
+        weights = _normalized(weights)
+    return {
+        "variant": "mergekit", "combine": "ties" if ties else "ta",
+        "merge": "mean" if ties and values["normalize"] else "sum",
+        "drop_rate": tuple(max(0.0, 1.0 - m["density"]) for m in per_model), "rescale": values["rescale"],
+        "weights": tuple(weights), "scaling": values["lambda"], "seed": 0,
+    }  # fmt: skip

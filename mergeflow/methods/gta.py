@@ -4,7 +4,8 @@ One tensor at a time, tasks stacked on dimension 0, ``w`` one weight per task:
 
 - sparsify ``magnitude`` (TIES): keep the k = max(1, ⌊density·n⌋) entries of largest |τ| of the
   tensor (density ≥ 1 keeps all); |τ| is compared in float32 at most (mergekit sorts float32 on the
-  CPU), equal values in stable order.
+  CPU), equal values in stable order. ``random`` (DARE): keep each entry with probability density;
+  with ``rescale`` the kept entries are scaled to τ's L1 norm (not by 1/density).
 - weighted deltas δt = wt·τ̃t.
 - consensus ``sum``: γ = +1 where Σt δt ≥ 0, else −1; mask_t = (sign δt = γ); mixed = Σt δt·mask_t,
   and with ``normalize`` mixed / Σt wt·mask_t (a divisor of 0 counts as 1).
@@ -33,6 +34,14 @@ def magnitude_keep(tau: torch.Tensor, density: float) -> torch.Tensor:
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[order[:k]] = True
     return (flat * keep).reshape(tau.shape)
+
+
+def l1_rescaled(tau: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """masked · (‖τ‖₁ / ‖masked‖₁), masked itself where either norm is below 1e-7 (mergekit's ``rescale``)."""
+    before, after = float(tau.abs().sum()), float(masked.abs().sum())
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
 
 
 def consensus_mix(deltas: torch.Tensor, weights: Sequence[float], normalize: bool) -> torch.Tensor:

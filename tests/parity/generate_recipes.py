@@ -121,6 +121,19 @@ CASES: dict[str, dict] = {
         "parameters": {"density": 0.8, "gamma": 0.05},
         "dtype": "float32",
     },
+    # DARE's masks are random (torch's global stream in mergekit): density 1 keeps every entry, so this
+    # case compares the weighted sign consensus and normalisation of dare_ties, not the masks.
+    "dare_ties_density1": {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "models": [
+            {"model": "ft_a", "parameters": {"weight": 0.9}},
+            {"model": "ft_b", "parameters": {"weight": 0.4}},
+            {"model": "ft_c", "parameters": {"weight": 0.7}},
+        ],
+        "parameters": {"density": 1.0, "normalize": True},
+        "dtype": "float32",
+    },
     "task_arithmetic_out_bf16": {
         "merge_method": "task_arithmetic",
         "base_model": "base",
