@@ -339,10 +339,6 @@ def _mergekit(
         return "weight_average", {"weights": tuple(weights)}, pretrained, finetuned
     if method in ("dare_ties", "dare_linear"):
         return "dare", _dare(method, values, per_model, weights), pretrained, finetuned
-    if values["rescale"] and method != "task_arithmetic":
-        raise reader.fail(
-            "parameters.rescale", "true (rescaling the kept entries to the L1 norm of τ) is not supported by mergeflow"
-        )
     scaling = values["lambda"]
     if method == "task_arithmetic":
         if values["normalize"]:
@@ -353,6 +349,7 @@ def _mergekit(
         params = {
             "variant": "mergekit", "scope": "tensor", "merge": "mean" if values["normalize"] else "sum",
             "density": tuple(min(d, 1.0) for d in densities), "weights": tuple(weights), "scaling": scaling,
+            "rescale": values["rescale"],
         }  # fmt: skip
         return "ties", params, pretrained, finetuned
     # breadcrumbs, breadcrumbs_ties
@@ -368,7 +365,7 @@ def _mergekit(
         weights = _normalized(weights)
     params = {
         "variant": "mergekit", "density": min(densities[0], 1.0), "gamma": per_model[0]["gamma"],
-        "sign_election": ties, "weights": tuple(weights), "scaling": scaling,
+        "sign_election": ties, "weights": tuple(weights), "scaling": scaling, "rescale": values["rescale"],
     }  # fmt: skip
     return "breadcrumbs", params, pretrained, finetuned
 

@@ -19,12 +19,12 @@ entries whose sign equals the majority sign(Σt wt·τ̃t) (+1 where the sum is 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from mergeflow.methods.gta import consensus_mix, weighted_sum
+from mergeflow.methods.gta import consensus_mix, l1_rescaled, weighted_sum
 from mergeflow.methods.registry import Affine, MergeContext, Merger, MethodParams, per_task_values, register
 
 
@@ -69,6 +69,14 @@ class BreadcrumbsParams(MethodParams):
     gamma: float = Field(0.006, ge=0.0, lt=1.0, description="γ: share of largest-magnitude entries dropped")
     sign_election: bool = Field(False, description="sum only entries agreeing with the majority sign (mergekit ties)")
     weights: tuple[float, ...] | None = Field(None, description="wt of Σt wt·τ̃t, one per fine-tune (default 1)")
+    rescale: bool = Field(False, description="variant mergekit: scale the kept entries to τt's L1 norm")
+
+    @model_validator(mode="after")
+    def _rescale_variant(self) -> Self:
+        if self.rescale and self.variant != "mergekit":
+            raise ValueError("rescale needs variant mergekit")
+        return self
+
     scaling: float = Field(0.4, description="α in θ0 + α·merged")
 
 
@@ -86,6 +94,8 @@ class Breadcrumbs(Merger):
         p = self.params
         keep = middle_keep_rows if p.variant == "official" else middle_keep_tensor
         masked = [keep(t - base, p.density, p.gamma) for t in tuned]
+        if p.rescale:
+            masked = [l1_rescaled(t - base, m) for t, m in zip(tuned, masked, strict=True)]
         if p.sign_election:
             if self.weights is None:
                 return base, sign_elected_sum(torch.stack(masked))

@@ -7,7 +7,8 @@ mergekit/PEFT convention).
 ``variant: mergekit`` is mergekit 0.1.5's ``ties`` instead (see :mod:`mergeflow.methods.gta`): per
 tensor, exactly max(1, ⌊density·n⌋) entries kept per task, a density and a weight per task, the
 sign elected on the weighted τt (+1 where their sum is ≥ 0), and ``merge: mean`` dividing by the
-sum of the agreeing tasks' weights (mergekit's ``normalize``), ``sum`` not dividing.
+sum of the agreeing tasks' weights (mergekit's ``normalize``), ``sum`` not dividing; ``rescale``
+scales each task's kept entries to its τ's L1 norm.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated, Literal, Self
 import torch
 from pydantic import AfterValidator, Field, model_validator
 
-from mergeflow.methods.gta import consensus_mix, magnitude_keep
+from mergeflow.methods.gta import consensus_mix, l1_rescaled, magnitude_keep
 from mergeflow.methods.registry import (
     Affine,
     MergeContext,
@@ -103,12 +104,13 @@ class TiesParams(TiesCommonParams):
         "reference", description="the TIES paper's rule, or mergekit 0.1.5's ties (per tensor, weighted)"
     )
     weights: tuple[float, ...] | None = Field(None, description="variant mergekit: wt, one per fine-tune (default 1)")
+    rescale: bool = Field(False, description="variant mergekit: scale the kept entries to τt's L1 norm")
 
     @model_validator(mode="after")
     def _variant_fields(self) -> Self:
         if self.variant == "reference":
-            if self.weights is not None or isinstance(self.density, tuple):
-                raise ValueError("weights and per-task densities need variant mergekit")
+            if self.weights is not None or isinstance(self.density, tuple) or self.rescale:
+                raise ValueError("weights, per-task densities and rescale need variant mergekit")
         elif self.scope != "tensor" or self.merge == "max":
             raise ValueError("variant mergekit is per tensor with merge mean or sum: set scope tensor")
         return self
@@ -164,6 +166,8 @@ class Ties(Merger):
         """A = θ0, D = disjoint merge of the trimmed, sign-elected τt (mergekit's weighted mix)."""
         if self.mergekit:
             kept = [magnitude_keep(t - base, d) for t, d in zip(tuned, self.densities, strict=True)]
+            if self.params.rescale:
+                kept = [l1_rescaled(t - base, k) for t, k in zip(tuned, kept, strict=True)]
             return base, consensus_mix(torch.stack(kept), self.weights, self.params.merge == "mean")
         taus = self.task_vectors(key, base, tuned)
         if self.params.scope == "global":

@@ -134,6 +134,27 @@ CASES: dict[str, dict] = {
         "parameters": {"density": 1.0, "normalize": True},
         "dtype": "float32",
     },
+    "ties_rescale": {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "ft_a", "parameters": {"weight": 1.0, "density": 0.2}},
+            {"model": "ft_b", "parameters": {"weight": 0.5, "density": 0.6}},
+        ],
+        "parameters": {"rescale": True},
+        "dtype": "float32",
+    },
+    "breadcrumbs_rescale_normalize": {
+        "merge_method": "breadcrumbs",
+        "base_model": "base",
+        "models": [
+            {"model": "ft_a", "parameters": {"weight": 0.6}},
+            {"model": "ft_b", "parameters": {"weight": 0.3}},
+            {"model": "ft_c", "parameters": {"weight": 0.9}},
+        ],
+        "parameters": {"density": 0.5, "gamma": 0.02, "rescale": True, "normalize": True, "lambda": 1.2},
+        "dtype": "float32",
+    },
     "task_arithmetic_out_bf16": {
         "merge_method": "task_arithmetic",
         "base_model": "base",
