@@ -47,6 +47,10 @@ def methods_help() -> str:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.engine import merge_checkpoints
 
+    if args.config:
+        return _merge_recipe(args)
+    if not args.method:
+        raise MergeflowError("--method (or --config RECIPE) is required")
     pretrained, finetuned = _inputs(args)
     result = merge_checkpoints(
         args.method,
@@ -55,12 +59,50 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.output,
         parse_assignments(args.set),
         device=args.device,
-        precision=args.precision,
+        precision=args.precision or "float32",
         trust_pickle=args.trust_pickle,
         force=args.force,
         output_format=args.format,
         shard_size=args.shard_size,
         command=shlex.join(["mergeflow", *args.argv]),
+        out_dtype=args.out_dtype,
+        cast=args.cast,
+    )
+    for path in result.outputs:
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _merge_recipe(args: argparse.Namespace) -> int:
+    """``merge --config RECIPE``: the recipe names the method, parameters, models and dtypes."""
+    from mergeflow.engine import merge_checkpoints
+    from mergeflow.recipe import read_recipe
+
+    given = [flag for flag, value in (("--method", args.method), ("--pretrained", args.pretrained),
+             ("--finetuned", args.finetuned), ("--manifest", args.manifest), ("--set", args.set)) if value]  # fmt: skip
+    if given:
+        raise MergeflowError(f"--config takes the method, models and parameters from the recipe; drop {given[0]}")
+    recipe = read_recipe(args.config)
+    for flag, ours, theirs in (("--precision", args.precision, recipe.precision),
+                               ("--out-dtype", args.out_dtype, recipe.out_dtype)):  # fmt: skip
+        if ours and theirs and ours != theirs:
+            raise MergeflowError(f"{flag} {ours} contradicts the recipe's dtype ({theirs}) in {args.config}")
+    result = merge_checkpoints(
+        recipe.method,
+        recipe.pretrained,
+        recipe.finetuned,
+        args.output,
+        recipe.params,
+        device=args.device,
+        precision=args.precision or recipe.precision or "float32",
+        trust_pickle=args.trust_pickle,
+        force=args.force,
+        output_format=args.format,
+        shard_size=args.shard_size,
+        command=shlex.join(["mergeflow", *args.argv]),
+        out_dtype=args.out_dtype or recipe.out_dtype,
+        cast=args.cast or recipe.cast,
+        recipe=recipe.text,
     )
     for path in result.outputs:
         sys.stdout.write(f"{path}\n")
@@ -346,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    merge.add_argument("--method", required=True, choices=method_names(), metavar="NAME")
+    merge.add_argument("--method", choices=method_names(), metavar="NAME")
+    merge.add_argument(
+        "--config",
+        metavar="RECIPE",
+        help="a YAML recipe (mergekit's format, plus mergeflow's methods): docs/recipes.md",
+    )
     merge.add_argument("--pretrained", metavar="PATH", help="θ0: .safetensors, .pt/.bin, shard index or model dir")
     merge.add_argument("--finetuned", nargs="+", metavar="PATH", help="θ1 ... θT")
     merge.add_argument("--manifest", metavar="FILE", help="θ0 and fine-tunes from a `mergeflow acquire` manifest")
@@ -363,7 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    merge.add_argument("--precision", default="float32", choices=("float32", "float64"))
+    merge.add_argument("--precision", choices=("float32", "float64"), help="compute dtype (default float32)")
+    merge.add_argument(
+        "--out-dtype", choices=("float32", "float64", "float16", "bfloat16"),
+        help="dtype of every float tensor written (default: each key's dtype in θ0)",
+    )  # fmt: skip
+    merge.add_argument(
+        "--cast",
+        action="store_true",
+        help="accept fine-tunes whose float keys have another dtype than θ0's (converted)",
+    )
     merge.add_argument("--trust-pickle", action="store_true", help="allow .pt files that unpickle arbitrary objects")
     merge.add_argument("--force", action="store_true", help="recompute even if the output is up to date")
     merge.set_defaults(func=_cmd_merge)

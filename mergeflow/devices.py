@@ -25,3 +25,15 @@ def resolve_precision(name: str) -> torch.dtype:
     if name not in PRECISIONS:
         raise ConfigError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
     return PRECISIONS[name]
+
+
+OUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_out_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype every float tensor of the output is stored in; None keeps each key's θ0 dtype."""
+    if name is None:
+        return None
+    if name not in OUT_DTYPES:
+        raise ConfigError(f"unknown output dtype {name!r}; choose one of {', '.join(OUT_DTYPES)}")
+    return OUT_DTYPES[name]

@@ -39,7 +39,7 @@ from mergeflow.checkpoint import (
     stored_fingerprint,
 )
 from mergeflow.codeid import code_identity
-from mergeflow.devices import resolve_device, resolve_precision
+from mergeflow.devices import resolve_device, resolve_out_dtype, resolve_precision
 from mergeflow.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, NumericalError
 from mergeflow.hashing import (
     BackgroundHasher,
@@ -151,8 +151,14 @@ def _describe_keys(keys: set[str]) -> str:
     return f"{len(keys)} key(s) ({shown}{', ...' if len(keys) > 3 else ''})"
 
 
-def check_compatible(pretrained: CheckpointReader, finetuned: Sequence[CheckpointReader]) -> dict[str, TensorMeta]:
-    """Same key set, shapes and dtypes as θ0 in every fine-tune; returns θ0's layout."""
+def check_compatible(
+    pretrained: CheckpointReader, finetuned: Sequence[CheckpointReader], cast: bool = False
+) -> dict[str, TensorMeta]:
+    """Same key set, shapes and dtypes as θ0 in every fine-tune; returns θ0's layout.
+
+    ``cast`` accepts a float key stored in another float dtype than θ0's (each input is converted to
+    the compute dtype as it is read); a non-float key must always have θ0's dtype.
+    """
     layout = {key: pretrained.meta(key) for key in pretrained.keys()}
     if not layout:
         raise CheckpointError(f"{pretrained.path}: holds no tensors")
@@ -173,22 +179,28 @@ def check_compatible(pretrained: CheckpointReader, finetuned: Sequence[Checkpoin
                 raise IncompatibleCheckpointsError(
                     f"{reader.path}: key {key!r} has shape {list(got.shape)}, pretrained has {list(want.shape)}"
                 )
-            if got.dtype != want.dtype:
+            if got.dtype != want.dtype and not (cast and got.is_float and want.is_float):
+                hint = " (--cast converts float inputs explicitly)" if got.is_float and want.is_float else ""
                 raise IncompatibleCheckpointsError(
-                    f"{reader.path}: key {key!r} has dtype {got.dtype}, pretrained has {want.dtype}"
+                    f"{reader.path}: key {key!r} has dtype {got.dtype}, pretrained has {want.dtype}{hint}"
                 )
     return layout
 
 
 def open_checkpoint_set(
-    pretrained: str | Path, finetuned: Sequence[str | Path], trust_pickle: bool = False, fresh_hashes: bool = False
+    pretrained: str | Path,
+    finetuned: Sequence[str | Path],
+    trust_pickle: bool = False,
+    fresh_hashes: bool = False,
+    cast: bool = False,
 ) -> CheckpointSet:
     """Open and validate θ0 and the fine-tunes, and start hashing them in the background.
 
     Tasks get a canonical order that depends only on file contents: a quick identity (size,
     header, sampled blocks), with full sha256 hashes only to break ties between files it cannot
     tell apart, so that the merge result does not depend on the order the user gave.
-    ``fresh_hashes`` reads every file for its sha256 instead of trusting the stat-keyed cache.
+    ``fresh_hashes`` reads every file for its sha256 instead of trusting the stat-keyed cache;
+    ``cast`` accepts fine-tunes whose float keys have another float dtype than θ0's.
     """
     if not finetuned:
         raise ConfigError("at least one fine-tuned checkpoint is needed")
@@ -197,7 +209,7 @@ def open_checkpoint_set(
         tuned = [stack.enter_context(open_checkpoint(p, trust_pickle)) for p in finetuned]
         files = [input_files(r) for r in (base, *tuned)]
         states = tuple(fileset_state(f) for f in files)
-        layout = check_compatible(base, tuned)
+        layout = check_compatible(base, tuned, cast)
         quick = [fileset_quick_identity(f) for f in files[1:]]
         tied = {i for i in range(len(tuned)) if quick.count(quick[i]) > 1}
         full = {i: fileset_sha256_cached(files[1 + i], fresh=fresh_hashes) for i in tied}
@@ -267,14 +279,28 @@ class _Progress:
             )
 
 
-def fingerprint(method: str, params: MethodParams, checkpoints: CheckpointSet, precision: str) -> str:
-    """Content identity of one merge result: method, parameters, input hashes, precision, and the
-    identity of the code that merges (this module and everything it imports, version included)."""
+def dtype_record(precision: str, out_dtype: str | None = None, cast: bool = False) -> dict[str, Any]:
+    """The dtype policy of a merge: compute dtype, output dtype of float keys ("pretrained": each
+    key's θ0 dtype) and whether fine-tunes in other float dtypes were converted (``--cast``)."""
+    return {"compute": precision, "output": out_dtype or "pretrained", "cast": cast}
+
+
+def fingerprint(
+    method: str,
+    params: MethodParams,
+    checkpoints: CheckpointSet,
+    precision: str,
+    dtypes: Mapping[str, Any] | None = None,
+) -> str:
+    """Content identity of one merge result: method, parameters, input hashes, precision and dtype
+    policy, and the identity of the code that merges (this module and everything it imports, version
+    included)."""
     record = {
         "method": method,
         "params": params_record(params),
         "inputs": [checkpoints.pretrained_sha256, *checkpoints.finetuned_sha256],
         "precision": precision,
+        "dtype": dict(dtypes or dtype_record(precision)),
         "code": code_identity("mergeflow.engine"),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -288,10 +314,14 @@ def output_metadata(
     precision: str,
     device: torch.device,
     placeholder: bool = False,
+    dtypes: Mapping[str, Any] | None = None,
+    recipe: str | None = None,
 ) -> dict[str, str]:
     """Provenance stored in every output; ``placeholder`` stands in zeros for hashes not known yet.
-    Per-task methods add ``mergeflow.storage``: bytes beyond θ0, shared and per task."""
+    Per-task methods add ``mergeflow.storage``: bytes beyond θ0, shared and per task; a merge run
+    from a recipe file stores its text as ``mergeflow.recipe``."""
     selector = params.selector()
+    dtypes = dict(dtypes or dtype_record(precision))
     cost = merger.storage_cost()
     return {
         "format": "pt",
@@ -308,10 +338,21 @@ def output_metadata(
             }
         ),
         "mergeflow.precision": precision,
+        "mergeflow.dtype": json.dumps(dtypes, sort_keys=True),
         "mergeflow.device": device.type,
         **({"mergeflow.storage": json.dumps(cost.record(len(checkpoints.finetuned)))} if cost else {}),
-        "mergeflow.fingerprint": "0" * 64 if placeholder else fingerprint(method, params, checkpoints, precision),
+        **({"mergeflow.recipe": recipe} if recipe is not None else {}),
+        "mergeflow.fingerprint": "0" * 64
+        if placeholder
+        else fingerprint(method, params, checkpoints, precision, dtypes),
     }
+
+
+def output_layout(layout: Mapping[str, TensorMeta], out_dtype: torch.dtype | None) -> dict[str, TensorMeta]:
+    """The layout written: every float key in ``out_dtype`` (θ0's dtype where None), others as θ0's."""
+    if out_dtype is None:
+        return dict(layout)
+    return {k: TensorMeta(m.shape, out_dtype) if m.is_float else m for k, m in layout.items()}
 
 
 def stream_merge(
@@ -323,6 +364,7 @@ def stream_merge(
     device: torch.device,
     dtype: torch.dtype,
     parts: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> None:
     """Merge every key for each parameter set of ``method`` and stream results into ``sinks``.
 
@@ -330,8 +372,8 @@ def stream_merge(
     per-task methods). With ``parts`` the sinks are :class:`PartsSink` and receive each key's (A, D)
     from the method's ``affine_grid`` in the compute dtype (grid bases; θ(λ) = A + λ·D is formed by
     the reader, as ``merge`` forms it); otherwise they receive merged tensors cast to each key's
-    checkpoint dtype. Every tensor handed over is checked finite. Sinks are committed at the end,
-    or aborted on any error.
+    checkpoint dtype (float keys to ``out_dtype`` when given). Every tensor handed over is checked
+    finite. Sinks are committed at the end, or aborted on any error.
     """
     spec = get_method(method)
     ctx = MergeContext(len(checkpoints.finetuned), checkpoints.layout, device, dtype, checkpoints.task_order)
@@ -356,7 +398,7 @@ def stream_merge(
                 finite(key, direction, direction, " (direction)")
             sink.write_parts(key, anchor, direction)
             return
-        out = result.to(meta.dtype)
+        out = result.to(out_dtype or meta.dtype)
         finite(key, out, result)
         sink.write(key, out)
 
@@ -433,6 +475,7 @@ def task_output_paths(directory: Path, finetuned: Sequence[str | Path]) -> list[
 def _directory_writer(
     output: Path,
     checkpoints: CheckpointSet,
+    layout: Mapping[str, TensorMeta],
     metadata: Callable[..., dict[str, str]],
     shard_size: int,
     given: Sequence[Path],
@@ -448,7 +491,7 @@ def _directory_writer(
     every_file = [*given, *(f for r in (base, *checkpoints.finetuned) for f in r.files)]
     return HFDirectoryWriter(
         output,
-        checkpoints.layout,
+        layout,
         metadata(0, placeholder=True),
         final_metadata=lambda: metadata(0, placeholder=False),
         shard_size=shard_size,
@@ -472,6 +515,9 @@ def merge_checkpoints(
     output_format: str = "safetensors",
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     command: str | None = None,
+    out_dtype: str | None = None,
+    cast: bool = False,
+    recipe: str | None = None,
 ) -> MergeResult:
     """Merge θ0 and fine-tunes with ``method`` and write safetensors atomically.
 
@@ -482,10 +528,17 @@ def merge_checkpoints(
     precision and code identity), nothing is recomputed unless ``force``; ``force`` also reads
     every input afresh for its sha256 instead of trusting the hash cache.
     Outputs that are inputs, or exist and are not regular files, are refused before any file is opened.
+
+    Dtype policy (recorded as ``mergeflow.dtype``): the merge is computed in ``precision``; float keys
+    are stored in ``out_dtype`` (each key's θ0 dtype when None); a fine-tune whose float key has
+    another dtype than θ0's is refused unless ``cast``. ``recipe``: the text of the recipe file the
+    merge came from, stored in the metadata and the model card.
     """
     spec = get_method(method)
     parsed = parse_params(method, params)
     torch_device, dtype = resolve_device(device), resolve_precision(precision)
+    stored_dtype = resolve_out_dtype(out_dtype)
+    dtypes = dtype_record(precision, out_dtype, cast)
     output = Path(output)
     paths = task_output_paths(output, finetuned) if spec.per_task_outputs else [output]
     inputs = [Path(pretrained), *(Path(p) for p in finetuned)]
@@ -502,7 +555,7 @@ def merge_checkpoints(
     for path in paths if not hf_directory else ():
         check_output(path, inputs)
     start = time.perf_counter()
-    checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle, fresh_hashes=force)
+    checkpoints = open_checkpoint_set(pretrained, finetuned, trust_pickle, fresh_hashes=force, cast=cast)
     try:
         read_files = [f for r in (checkpoints.pretrained, *checkpoints.finetuned) for f in r.files]
         for path in paths if not hf_directory else ():  # e.g. DIR/model.safetensors of a directory input
@@ -514,25 +567,28 @@ def merge_checkpoints(
         else:
             existing = [stored_fingerprint(p) for p in paths]
         if not force and all(existing):  # only then are the hashes needed before merging
-            if set(existing) == {fingerprint(method, parsed, checkpoints, precision)}:
+            if set(existing) == {fingerprint(method, parsed, checkpoints, precision, dtypes)}:
                 log.info("%s: %s is up to date (same inputs and parameters), skipping", method, output)
                 return MergeResult(method, params_record(parsed), paths, 0.0, True, checkpoints.inputs_record())
 
         def metadata(index: int, placeholder: bool) -> dict[str, str]:
-            meta = output_metadata(method, parsed, probe, checkpoints, precision, torch_device, placeholder)
+            meta = output_metadata(
+                method, parsed, probe, checkpoints, precision, torch_device, placeholder, dtypes, recipe
+            )
             if spec.per_task_outputs:
                 meta["mergeflow.task"] = json.dumps({"index": index, "file": checkpoints.finetuned[index].path.name})
             return meta
 
+        layout = output_layout(checkpoints.layout, stored_dtype)
         writers: list[Sink] = []
         try:
             if hf_directory:
-                writers.append(_directory_writer(output, checkpoints, metadata, shard_bytes, inputs, command))
+                writers.append(_directory_writer(output, checkpoints, layout, metadata, shard_bytes, inputs, command))
             for index, path in enumerate(paths if not hf_directory else ()):
                 writers.append(
                     SafetensorsWriter(
                         path,
-                        checkpoints.layout,
+                        layout,
                         metadata(index, placeholder=True),
                         final_metadata=lambda index=index: metadata(index, placeholder=False),
                     )
@@ -546,7 +602,7 @@ def merge_checkpoints(
             method, params_record(parsed), len(finetuned), len(checkpoints.layout), len(probe.selected),
             torch_device.type, precision,
         )  # fmt: skip
-        stream_merge(checkpoints, method, [parsed], [writers], device=torch_device, dtype=dtype)
+        stream_merge(checkpoints, method, [parsed], [writers], device=torch_device, dtype=dtype, out_dtype=stored_dtype)
         record = checkpoints.inputs_record()
     finally:
         checkpoints.close()

@@ -231,6 +231,8 @@ def model_card(metadata: Mapping[str, str], base_models: Sequence[str], command:
     ]
     if command:
         lines += ["## Command", "", "```sh", command, "```", ""]
+    if "mergeflow.recipe" in metadata:
+        lines += ["## Recipe", "", "```yaml", metadata["mergeflow.recipe"].rstrip("\n"), "```", ""]
     return "\n".join(lines)
 
 

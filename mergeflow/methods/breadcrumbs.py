@@ -12,18 +12,20 @@ Two references disagree on the unit of the mask, so both are here:
 
 Ties in |τ| at a cut go by position (stable sort), the same on every device and dtype path; the
 references leave them to torch.topk / torch.sort, whose choice among equal values is unspecified.
-merged = Σt τ̃t; with ``sign_election`` (mergekit ``breadcrumbs_ties``) only entries whose sign equals
-the majority sign(Σt τ̃t) (+1 where the sum is ≥ 0) are summed. θ = θ0 + scaling·merged, every float key.
+merged = Σt wt·τ̃t (wt = 1 unless ``weights``); with ``sign_election`` (mergekit ``breadcrumbs_ties``) only
+entries whose sign equals the majority sign(Σt wt·τ̃t) (+1 where the sum is ≥ 0) are summed.
+θ = θ0 + scaling·merged, every float key.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from mergeflow.methods.registry import Affine, Merger, MethodParams, register
+from mergeflow.methods.gta import consensus_mix, l1_rescaled, weighted_sum
+from mergeflow.methods.registry import Affine, MergeContext, Merger, MethodParams, per_task_values, register
 
 
 def middle_keep_rows(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -66,6 +68,15 @@ class BreadcrumbsParams(MethodParams):
     density: float = Field(0.15, gt=0.0, le=1.0, description="β: share of entries kept (after the outliers)")
     gamma: float = Field(0.006, ge=0.0, lt=1.0, description="γ: share of largest-magnitude entries dropped")
     sign_election: bool = Field(False, description="sum only entries agreeing with the majority sign (mergekit ties)")
+    weights: tuple[float, ...] | None = Field(None, description="wt of Σt wt·τ̃t, one per fine-tune (default 1)")
+    rescale: bool = Field(False, description="variant mergekit: scale the kept entries to τt's L1 norm")
+
+    @model_validator(mode="after")
+    def _rescale_variant(self) -> Self:
+        if self.rescale and self.variant != "mergekit":
+            raise ValueError("rescale needs variant mergekit")
+        return self
+
     scaling: float = Field(0.4, description="α in θ0 + α·merged")
 
 
@@ -73,14 +84,20 @@ class BreadcrumbsParams(MethodParams):
 class Breadcrumbs(Merger):
     params: BreadcrumbsParams
 
+    def __init__(self, params: BreadcrumbsParams, ctx: MergeContext):
+        super().__init__(params, ctx)
+        weights = params.weights
+        self.weights = None if weights is None else per_task_values(weights, ctx, "breadcrumbs", "weights")
+
     def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
-        """A = θ0, D = Σt middle(τt) (sign-elected with ``sign_election``)."""
+        """A = θ0, D = Σt wt·middle(τt) (sign-elected with ``sign_election``, on the weighted τ̃t as mergekit)."""
         p = self.params
         keep = middle_keep_rows if p.variant == "official" else middle_keep_tensor
         masked = [keep(t - base, p.density, p.gamma) for t in tuned]
+        if p.rescale:
+            masked = [l1_rescaled(t - base, m) for t, m in zip(tuned, masked, strict=True)]
         if p.sign_election:
-            return base, sign_elected_sum(torch.stack(masked))
-        total = masked[0]
-        for tau in masked[1:]:
-            total += tau
-        return base, total
+            if self.weights is None:
+                return base, sign_elected_sum(torch.stack(masked))
+            return base, consensus_mix(torch.stack(masked), self.weights, normalize=False)
+        return base, weighted_sum(masked, self.weights)

@@ -8,7 +8,7 @@ import torch
 from pydantic import AfterValidator, Field
 
 from mergeflow.errors import ConfigError
-from mergeflow.methods.registry import Affine, MergeContext, Merger, MethodParams, register
+from mergeflow.methods.registry import Affine, MergeContext, Merger, MethodParams, per_task_values, register
 
 
 def tall_masks(taus: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
@@ -37,13 +37,7 @@ MaskLambda = Annotated[float | tuple[float, ...], AfterValidator(_non_negative)]
 
 def per_task_lambdas(value: float | tuple[float, ...], ctx: MergeContext, method: str) -> torch.Tensor:
     """λt in canonical task order from one value or one per task in the user's order."""
-    if isinstance(value, tuple):
-        if len(value) != ctx.num_tasks:
-            raise ConfigError(f"{method}: mask_lambda has {len(value)} values for {ctx.num_tasks} tasks")
-        values = [value[i] for i in ctx.task_order]  # user order -> canonical order
-    else:
-        values = [value] * ctx.num_tasks
-    return torch.tensor(values, dtype=ctx.dtype, device=ctx.device)
+    return torch.tensor(per_task_values(value, ctx, method, "mask_lambda"), dtype=ctx.dtype, device=ctx.device)
 
 
 class ConsensusParams(MethodParams):

@@ -97,6 +97,15 @@ class StorageCost:
                 "total_bytes": self.shared + num_tasks * self.per_task}  # fmt: skip
 
 
+def per_task_values(value: float | Sequence[float], ctx: MergeContext, method: str, name: str) -> list[float]:
+    """One value per task in canonical order, from one value for all or one per task in the user's order."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * ctx.num_tasks
+    if len(value) != ctx.num_tasks:
+        raise ConfigError(f"{method}: {name} has {len(value)} values for {ctx.num_tasks} tasks")
+    return [float(value[i]) for i in ctx.task_order]  # user order -> canonical order
+
+
 def float_bytes(layout: Mapping[str, TensorMeta]) -> int:
     """Bytes of every float tensor of a layout in its own dtype (one whole model's weights)."""
     return sum(m.numel * m.dtype.itemsize for m in layout.values() if m.is_float)

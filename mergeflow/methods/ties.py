@@ -3,16 +3,31 @@
 Matches the original TIES code and FusionBench: with ``scope='global'`` one top-k per task over the
 whole flattened model (every float key, 1-D included); with ``scope='tensor'`` one per tensor (the
 mergekit/PEFT convention).
+
+``variant: mergekit`` is mergekit 0.1.5's ``ties`` instead (see :mod:`mergeflow.methods.gta`): per
+tensor, exactly max(1, ⌊density·n⌋) entries kept per task, a density and a weight per task, the
+sign elected on the weighted τt (+1 where their sum is ≥ 0), and ``merge: mean`` dividing by the
+sum of the agreeing tasks' weights (mergekit's ``normalize``), ``sum`` not dividing; ``rescale``
+scales each task's kept entries to its τ's L1 norm.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Self
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field, model_validator
 
-from mergeflow.methods.registry import Affine, Merger, MethodParams, TensorSource, register
+from mergeflow.methods.gta import consensus_mix, l1_rescaled, magnitude_keep
+from mergeflow.methods.registry import (
+    Affine,
+    MergeContext,
+    Merger,
+    MethodParams,
+    TensorSource,
+    per_task_values,
+    register,
+)
 
 
 def trim_threshold(abs_values: torch.Tensor, density: float) -> float:
@@ -64,16 +79,54 @@ def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge: str) -> tor
     raise ValueError(f"unknown TIES merge rule {merge!r}")
 
 
-class TiesParams(MethodParams):
+class TiesCommonParams(MethodParams):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept per task")
     merge: Literal["mean", "sum", "max"] = Field("mean", description="disjoint merge rule")
     scope: Literal["global", "tensor"] = Field("global", description="top-k over the whole model or per tensor")
     scaling: float = Field(1.0, description="λ in θ0 + λ·merged")
 
 
+def _densities(value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+    values = value if isinstance(value, tuple) else (value,)
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise ValueError("density must be in (0, 1] (one value or one per task)")
+    return value
+
+
+Density = Annotated[float | tuple[float, ...], AfterValidator(_densities)]
+
+
+class TiesParams(TiesCommonParams):
+    density: Density = Field(  # type: ignore[assignment]
+        0.2, description="fraction of entries kept per task (variant mergekit: or one per task)"
+    )
+    variant: Literal["reference", "mergekit"] = Field(
+        "reference", description="the TIES paper's rule, or mergekit 0.1.5's ties (per tensor, weighted)"
+    )
+    weights: tuple[float, ...] | None = Field(None, description="variant mergekit: wt, one per fine-tune (default 1)")
+    rescale: bool = Field(False, description="variant mergekit: scale the kept entries to τt's L1 norm")
+
+    @model_validator(mode="after")
+    def _variant_fields(self) -> Self:
+        if self.variant == "reference":
+            if self.weights is not None or isinstance(self.density, tuple) or self.rescale:
+                raise ValueError("weights, per-task densities and rescale need variant mergekit")
+        elif self.scope != "tensor" or self.merge == "max":
+            raise ValueError("variant mergekit is per tensor with merge mean or sum: set scope tensor")
+        return self
+
+
 @register("ties", TiesParams, "trim to top density, elect sign, disjoint merge; θ0 + scaling·merged")
 class Ties(Merger):
     params: TiesParams
+
+    def __init__(self, params: TiesCommonParams, ctx: MergeContext):
+        super().__init__(params, ctx)
+        self.mergekit = isinstance(params, TiesParams) and params.variant == "mergekit"
+        if self.mergekit:
+            assert isinstance(params, TiesParams)
+            self.densities = per_task_values(params.density, ctx, "ties", "density")
+            self.weights = per_task_values(1.0 if params.weights is None else params.weights, ctx, "ties", "weights")
 
     def prepare(self, source: TensorSource) -> None:
         self.thresholds: torch.Tensor | None = None
@@ -110,7 +163,12 @@ class Ties(Merger):
         return torch.stack([self.task_vector(key, t, base, theta) for t, theta in enumerate(tuned)])
 
     def affine(self, key: str, base: torch.Tensor, tuned: list[torch.Tensor]) -> Affine:
-        """A = θ0, D = disjoint merge of the trimmed, sign-elected τt."""
+        """A = θ0, D = disjoint merge of the trimmed, sign-elected τt (mergekit's weighted mix)."""
+        if self.mergekit:
+            kept = [magnitude_keep(t - base, d) for t, d in zip(tuned, self.densities, strict=True)]
+            if self.params.rescale:
+                kept = [l1_rescaled(t - base, k) for t, k in zip(tuned, kept, strict=True)]
+            return base, consensus_mix(torch.stack(kept), self.weights, self.params.merge == "mean")
         taus = self.task_vectors(key, base, tuned)
         if self.params.scope == "global":
             assert self.thresholds is not None, "prepare() must run before merge()"
