@@ -181,7 +181,10 @@ def test_pipeline_and_analysis_keys_use_the_code_identity(monkeypatch) -> None:
 def test_dvc_stage_deps_are_the_code_identity_files() -> None:
     text = (PROJECT / "dvc.yaml").read_text()
     assert codeid.sync_dvc_deps(text) == text, "dvc.yaml code deps are stale: run python -m mergeflow.codeid dvc.yaml"
-    assert "# code: mergeflow.zoo.job" in text and "      - mergeflow/linalg.py" in text
+    assert "# code: flows.pipeline" in text  # the run stage's deps: the whole flow's code identity
+    assert {"      - mergeflow/linalg.py", "      - tasks/pipeline_tasks.py", "      - flows/pipeline.py"} <= set(
+        text.splitlines()
+    )
     stale = text.replace("      - mergeflow/linalg.py\n", "", 1)
     assert codeid.sync_dvc_deps(stale) == text
 
