@@ -35,7 +35,7 @@ import yaml
 
 from mergeflow.checkpoint import MAX_INDEX_BYTES, TensorMeta, stored_fingerprint
 from mergeflow.errors import ConfigError, OutputError
-from mergeflow.writer import SafetensorsWriter, fsync_dir, os_failure
+from mergeflow.writer import SafetensorsWriter, fsync_dir, os_failure, stale_leftovers
 
 log = logging.getLogger("mergeflow.hfdir")
 
@@ -153,29 +153,10 @@ def check_directory_output(target: str | Path, inputs: Iterable[str | Path] = ()
     return target
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partial_dirs(target: Path) -> list[Path]:
     """Delete ``.NAME.partial-PID`` / ``.NAME.old-PID`` directories beside ``target`` whose process is gone."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(partial|old)-(\d+)$")
     removed: list[Path] = []
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return removed
-    for name in names:
-        match = pattern.match(name)
-        if match is None or int(match.group(2)) == os.getpid() or _pid_alive(int(match.group(2))):
-            continue
-        leftover = target.parent / name
+    for leftover in stale_leftovers(target, "partial|old"):
         try:
             is_dir = stat.S_ISDIR(os.lstat(leftover).st_mode)
         except OSError:

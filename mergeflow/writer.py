@@ -62,19 +62,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(target: Path) -> list[Path]:
-    """Delete ``.NAME.partial-PID`` files beside ``target`` whose writing process no longer exists."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.partial-(\d+)$")
-    removed = []
+def stale_leftovers(target: Path, kinds: str = "partial") -> list[Path]:
+    """``.NAME.KIND-PID`` entries beside ``target`` (``kinds``: a regex alternative of KINDs) whose
+    writing process no longer exists; this process's own are never stale."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:{kinds})-(\d+)$")
     try:
         names = os.listdir(target.parent)
     except OSError:
-        return removed
+        return []
+    stale = []
     for name in names:
         match = pattern.match(name)
-        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
-            continue
-        leftover = target.parent / name
+        if match is not None and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            stale.append(target.parent / name)
+    return stale
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Delete ``.NAME.partial-PID`` files beside ``target`` whose writing process no longer exists."""
+    removed = []
+    for leftover in stale_leftovers(target):
         try:
             if stat.S_ISREG(os.lstat(leftover).st_mode):
                 leftover.unlink()
