@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,7 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
     from mergeflow.zoo.report import render
 
     cfg = load_config(args.params, preset=args.preset)
+    started = time.time()
     zoo_dir = Path(args.dir or cfg.zoo.dir)
     report = zoo_report(
         zoo_dir, cfg.methods, cfg.selection.grids, args.output or zoo_dir / "report",
@@ -224,10 +226,12 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
     )  # fmt: skip
     sys.stdout.write(render(report) + "\n")
     if not args.no_mlflow:
-        from mergeflow.tracking import log_report, tracking_uri
+        from mergeflow.tracking import TrackingContext, log_report, tracking_uri
 
         uri = tracking_uri(cfg.tracking.uri)
-        run_id = log_report(report, args.output or zoo_dir / "report", uri)
+        context = TrackingContext(started_at=started, preset=args.preset, config=cfg.model_dump(mode="json"),
+                                  models=cfg.tracking.models)  # fmt: skip
+        run_id = log_report(report, args.output or zoo_dir / "report", uri, context)
         sys.stdout.write(f"MLflow run {run_id} at {uri}\n")
     return 0
 

@@ -66,7 +66,9 @@ def render(report: dict[str, Any]) -> str:
         "|---" * (len(tasks) + 4) + "|",
     ]
     for row in report["rows"]:
-        params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k not in ("exclude", "include", "svd_solver"))
+        params = ", ".join(
+            f"{k}={v}" for k, v in row["params"].items() if k not in ("exclude", "include", "svd_solver")
+        )
         cells = " | ".join(f"{100 * row['test'][t]:.1f}" for t in tasks)
         lines.append(
             f"| {row['method']} | {params or '–'} | {cells} | {100 * row['mean']:.1f} | {100 * row['normalized']:.1f} |"
