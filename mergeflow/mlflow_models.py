@@ -62,10 +62,13 @@ def model_identity(files: dict[str, str]) -> str:
 
 
 def _existing_model(client: Any, experiment_id: str, identity: str) -> Any | None:
+    """A READY logged model of the experiment whose files have the sha256 identity ``identity``."""
+    from mlflow.entities import LoggedModelStatus
+
     found = client.search_logged_models(
         [experiment_id], filter_string=f"tags.`{MODEL_SHA256_TAG}` = '{identity}'", max_results=10
     )
-    return next((m for m in found if str(m.status) in ("READY", "LoggedModelStatus.READY")), None)
+    return next((m for m in found if m.status == LoggedModelStatus.READY), None)
 
 
 def log_merged_model(client: Any, experiment_id: str, run_id: str, row: dict[str, Any], tags: dict[str, str]) -> Any:

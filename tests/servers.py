@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
+def mlflow_server(folder: Path) -> Iterator[Callable[[], str]]:
     """``mlflow server`` from this environment with its store in ``folder`` (``db`` and ``artifacts/``,
-    served through the server: clients need no access to the folder); yields its URL."""
+    served through the server: clients need no access to the folder). Yields at once a function that
+    waits until the server answers and returns its URL (other setup can run while it starts)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"}
@@ -67,8 +68,12 @@ def mlflow_server(folder: Path) -> Iterator[str]:
                "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"]  # fmt: skip
     with (folder / "server.log").open("wb") as logfile:
         process = subprocess.Popen(command, env=env, cwd=folder, stdout=logfile, stderr=subprocess.STDOUT)
-        try:
+
+        def ready() -> str:
             wait_for(lambda: healthy(url), 180, "mlflow server /health", process)
-            yield url
+            return url
+
+        try:
+            yield ready
         finally:
             stop(process)

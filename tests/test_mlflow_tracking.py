@@ -29,8 +29,9 @@ def sha256(path: str | Path) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
-        yield url
+    """A real MLflow server, starting while the tiny report is built (call it for its URL)."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as ready:
+        yield ready
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,11 @@ def _download_champion(uri: str, zoo: str, folder: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(f"models:/{registered_name(zoo)}@champion", dst_path=str(folder)))
 
 
-def test_report_on_a_real_server(server: str, tiny_report: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+def test_report_on_a_real_server(server: Any, tiny_report: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     report, out = tiny_report
+    server = server()
     zoo = json.loads((Path(report["zoo"]) / "zoo.json").read_text())
     steps = {"build-zoo": "Cached", "select:cart": "Cached"}
     context = TrackingContext(started_at=STARTED, preset="quick", config=CONFIG, flow_run_id="flow-1", steps=steps)
@@ -68,6 +70,9 @@ def test_report_on_a_real_server(server: str, tiny_report: tuple[dict[str, Any],
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.name == "mergeflow/text-minilm"
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    from flows.pipeline import mlflow_run_url  # the link in the Prefect artifact, from the real server
+
+    assert mlflow_run_url(server, parent_id) == f"{server}/#/experiments/{experiment.experiment_id}/runs/{parent_id}"
 
     # what ran, when: the run covers the work from the caller's start
     assert parent.info.run_name == "text-minilm · quick · 2025-11-24 16:00 UTC"
