@@ -141,7 +141,9 @@ def mlflow_run_url(uri: str, run_id: str) -> str | None:
     except (MlflowException, OSError) as exc:
         log.warning("no link to MLflow run %s: %s", run_id, exc)
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    # MLflow 3's UI opens an experiment as GenAI or model training by this switch (a per-browser default
+    # otherwise), not by the experiment's mlflow.experimentKind tag
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
 
 
 def report_markdown(table: str, steps: dict[str, str], run_id: str | None, uri: str | None, run_url: str | None) -> str:

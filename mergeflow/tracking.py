@@ -155,6 +155,7 @@ def log_report(
 ) -> str:
     """Log a :func:`mergeflow.zoo.job.zoo_report` result; returns the parent run id."""
     import mlflow
+    from mlflow.entities import LoggedModelOutput
 
     from mergeflow.zoo.description import read_zoo
     from mergeflow.zoo.plots import PLOTS
@@ -177,7 +178,9 @@ def log_report(
         **context_tags(context),
         "mergeflow.champion_method": champion["method"] if champion else "none",
     }
-    created = client.create_run(experiment, start_time=int(started * 1000), tags=parent_tags,
+    from mlflow.tracking.context.registry import resolve_tags  # MLflow's own source/user tags, as start_run adds
+
+    created = client.create_run(experiment, start_time=int(started * 1000), tags=resolve_tags(parent_tags),
                                 run_name=run_name(zoo_name, context.preset, started))  # fmt: skip
     with mlflow.start_run(run_id=created.info.run_id) as parent:
         client.log_inputs(parent.info.run_id, datasets=datasets)
@@ -194,6 +197,7 @@ def log_report(
             if row is champion and model is not None:
                 version = register_champion(client, zoo_name, row, model, run_id, model_tags, report["criterion"])
                 mlflow.set_tag("mergeflow.champion_version", f"{version.name}/{version.version}")
+                client.log_outputs(parent.info.run_id, [LoggedModelOutput(model.model_id, 0)])  # shown on the parent
         if champion is not None:  # the headline: the champion's numbers, in the same columns as the children's
             mlflow.log_metrics({"test.mean": champion["mean"], "test.normalized": champion["normalized"]})
         mlflow.log_metrics(_metrics("test.mean", {r["method"]: r["mean"] for r in report["rows"]}))

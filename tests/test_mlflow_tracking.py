@@ -72,7 +72,8 @@ def test_report_on_a_real_server(server: Any, tiny_report: tuple[dict[str, Any],
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     from flows.pipeline import mlflow_run_url  # the link in the Prefect artifact, from the real server
 
-    assert mlflow_run_url(server, parent_id) == f"{server}/#/experiments/{experiment.experiment_id}/runs/{parent_id}"
+    page = f"{server}/#/experiments/{experiment.experiment_id}/runs/{parent_id}?workflowType=machine_learning"
+    assert mlflow_run_url(server, parent_id) == page
 
     # what ran, when: the run covers the work from the caller's start
     assert parent.info.run_name == "text-minilm · quick · 2025-11-24 16:00 UTC"
@@ -127,6 +128,8 @@ def test_report_on_a_real_server(server: Any, tiny_report: tuple[dict[str, Any],
     assert version.tags["finetuned.language.sha256"] == sha256(zoo["tasks"]["language"]["model"])
     assert children[best["method"]].data.tags["mergeflow.model.sha256"] == wrote
     assert version.run_id == children[best["method"]].info.run_id
+    assert version.source == f"models:/{children[best['method']].outputs.model_outputs[0].model_id}"
+    assert [f"models:/{o.model_id}" for o in client.get_run(parent_id).outputs.model_outputs] == [version.source]
     fetched = _download_champion(server, "text-minilm", tmp_path / "champion")
     (file,) = [p for p in fetched.rglob("*") if p.is_file()]
     assert sha256(file) == wrote
@@ -137,7 +140,7 @@ def test_report_on_a_real_server(server: Any, tiny_report: tuple[dict[str, Any],
     assert client.get_run(again).data.tags["mergeflow.cached"] == "false"
     assert {m.model_id for m in client.search_logged_models([experiment.experiment_id])} == {m.model_id for m in models}
     moved = client.get_model_version_by_alias(registered_name("text-minilm"), "champion")
-    assert int(moved.version) == int(version.version) + 1 and moved.model_id == version.model_id
+    assert int(moved.version) == int(version.version) + 1 and moved.source == version.source
 
 
 def test_report_on_sqlite_logs_the_champion_only(tiny_report: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
