@@ -20,17 +20,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from flows.locks import report_lock
 from flows.runners import task_runner
 from mergeflow.config import load_config
-from mergeflow.tracking import tracking_uri
+from mergeflow.tracking import TrackingContext, tracking_uri
 from mergeflow.zoo.build import zoo_files
 from mergeflow.zoo.report import render
 from tasks.caching import files_exist
@@ -63,6 +65,7 @@ def pipeline(
     cfg = load_config(params_file, overrides, preset)
     out_dir = str(cfg.report_path())
     with report_lock(out_dir, lock_timeout_s), task_runner(cfg.workers, cfg.dask_address) as runner:
+        started = time.time()  # the work starts once the report directory is ours (the MLflow run's start)
         zoo_args = (str(cfg.zoo.dir), cfg.zoo.settings(), cfg.zoo.name)
         zoo_state = _state_of(
             build_zoo(*zoo_args, return_state=True),
@@ -105,7 +108,9 @@ def pipeline(
             selections[name] = state.result()
         result = report(zoo, base, selections, out_dir, cfg.selection.criterion)
         uri = mlflow_uri or tracking_uri(cfg.tracking.uri)
-        run_id = track(result, out_dir, uri) if track_mlflow else None
+        context = TrackingContext(started_at=started, preset=cfg.preset, config=cfg.model_dump(mode="json"),
+                                  flow_run_id=flow_run.id, steps=steps, models=cfg.tracking.models)  # fmt: skip
+        run_id = track(result, out_dir, uri, context) if track_mlflow else None
     table = render(result)
     key = artifact_key(cfg.zoo.name, out_dir)
     create_markdown_artifact(
@@ -136,7 +141,9 @@ def mlflow_run_url(uri: str, run_id: str) -> str | None:
     except (MlflowException, OSError) as exc:
         log.warning("no link to MLflow run %s: %s", run_id, exc)
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    # MLflow 3's UI opens an experiment as GenAI or model training by this switch (a per-browser default
+    # otherwise), not by the experiment's mlflow.experimentKind tag
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
 
 
 def report_markdown(table: str, steps: dict[str, str], run_id: str | None, uri: str | None, run_url: str | None) -> str:

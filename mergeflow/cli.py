@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,7 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
     from mergeflow.zoo.report import render
 
     cfg = load_config(args.params, preset=args.preset)
+    started = time.time()
     zoo_dir = Path(args.dir or cfg.zoo.dir)
     out_dir = Path(args.output) if args.output else (zoo_dir / "report" if args.dir else cfg.report_path())
     report = zoo_report(
@@ -267,10 +269,12 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
     )  # fmt: skip
     sys.stdout.write(render(report) + "\n")
     if not args.no_mlflow:
-        from mergeflow.tracking import log_report, tracking_uri
+        from mergeflow.tracking import TrackingContext, log_report, tracking_uri
 
         uri = tracking_uri(cfg.tracking.uri)
-        run_id = log_report(report, out_dir, uri)
+        context = TrackingContext(started_at=started, preset=cfg.preset, config=cfg.model_dump(mode="json"),
+                                  models=cfg.tracking.models)  # fmt: skip
+        run_id = log_report(report, out_dir, uri, context)
         sys.stdout.write(f"MLflow run {run_id} at {uri}\n")
     return 0
 

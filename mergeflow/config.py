@@ -16,6 +16,7 @@ from mergeflow.analysis.vision import VisionAnalysisConfig
 from mergeflow.clip.zoo import ClipZooConfig
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MethodParams, parse_params
+from mergeflow.mlflow_models import ModelsToLog
 from mergeflow.presets import get_preset
 from mergeflow.sources import Source
 from mergeflow.zoo.build import TextZooConfig
@@ -88,11 +89,13 @@ class SelectionConfig(BaseModel):
 
 
 class TrackingConfig(BaseModel):
-    """``tracking:``: where MLflow runs go (``MLFLOW_TRACKING_URI`` in the environment wins)."""
+    """``tracking:``: where MLflow runs go (``MLFLOW_TRACKING_URI`` in the environment wins), and which
+    merged models are uploaded as MLflow logged models (``champion``: only the one registered)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     uri: str = "sqlite:///out/mlflow.db"
+    models: ModelsToLog = "all"
 
 
 class RankCurveConfig(BaseModel):

@@ -1,69 +1,87 @@
-"""MLflow tracking of a zoo report: one experiment per zoo / checkpoint set, a parent run per
-report, a nested run per merge method (and per grid point) with its parameters and per-task
-metrics, artifacts (results JSON, table, plots) and lineage tags.
+"""MLflow tracking of a zoo report: one experiment per zoo / checkpoint set (a model-training
+experiment: tag ``mlflow.experimentKind = custom_model_development``), a parent run per report named
+for what ran (zoo, preset, start time) and a nested run per row (merge method, baseline,
+AdaMerging) with its parameters, per-task metrics and grid; each merged model as an MLflow logged
+model (:mod:`mergeflow.mlflow_models`) and the best registered as ``models:/mergeflow-<zoo>@champion``;
+θ0, fine-tunes and data splits as dataset inputs; lineage tags (:mod:`mergeflow.lineage`).
 
-The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a team server), else a local SQLite file.
+The parent run starts when the work started (``TrackingContext.started_at``, from the caller) and
+ends when logging ends, so its duration covers the work. Its headline metrics ``test.mean`` and
+``test.normalized`` are the champion's; ``mergeflow.cached`` says whether every pipeline step was
+served from the cache (``true``), some were computed (``false``) or the caller did not say (absent).
+
+The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a team server), else a local SQLite file;
+a new experiment on a SQLite store keeps its artifacts in ``mlartifacts/`` beside the database.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import subprocess
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import mergeflow
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeflow.lineage import code_tags, lineage_tags, mlflow_dataset_inputs, zoo_inputs
+from mergeflow.mlflow_models import ModelsToLog, champion_row, log_merged_model, register_champion
 
 DEFAULT_URI = "sqlite:///out/mlflow.db"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+class TrackingContext(BaseModel):
+    """What the caller of :func:`log_report` knows about the run that the report does not."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    started_at: float | None = Field(None, description="unix time (s) the work started; None: now")
+    preset: str | None = None
+    config: dict[str, Any] | None = Field(None, description="the fully resolved configuration (JSON)")
+    flow_run_id: str | None = Field(None, description="the Prefect flow run that produced the report")
+    steps: dict[str, str] = Field(default_factory=dict, description="pipeline step -> final state name")
+    models: ModelsToLog = "all"
 
 
 def tracking_uri(default: str = DEFAULT_URI) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+def experiment_id(name: str, uri: str) -> str:
+    """The experiment ``name`` (created when missing), tagged as a model-training experiment."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the working directory
+            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+        except MlflowException:  # created meanwhile by a concurrent run
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND[0] not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
-def _dvc_lock_hashes(path: Path = Path("dvc.lock")) -> dict[str, str]:
-    """md5 of every DVC-tracked output in dvc.lock (when the pipeline ran under DVC)."""
-    try:
-        import yaml
-
-        lock = yaml.safe_load(path.read_text()) or {}
-    except OSError:
-        return {}
-    hashes = {}
-    for stage, body in (lock.get("stages") or {}).items():
-        for out in body.get("outs", []) or []:
-            if "md5" in out:
-                hashes[f"dvc.{stage}.{out['path']}"] = out["md5"]
-    return hashes
-
-
-def lineage_tags(zoo: dict[str, Any]) -> dict[str, str]:
-    """Which code, weights and data produced the numbers."""
-    from mergeflow.hashing import sha256_file_cached
-
-    tags = {
-        "mergeflow.version": mergeflow.__version__,
-        "git.commit": _git_commit(),
-        "zoo.name": zoo.get("name", "unknown"),
-        "theta0.sha256": zoo["theta0"]["sha256"],
-    }
-    for task, info in zoo["tasks"].items():
-        tags[f"finetuned.{task}.sha256"] = sha256_file_cached(info["model"])
-        tags[f"data.{task}.sha256"] = info["data_sha256"]
-        tags[f"head.{task}.sha256"] = sha256_file_cached(info["head"])
-    if "text" in zoo:  # clip zoos: the text tower the zero-shot heads were built from
-        tags["text_tower.sha256"] = zoo["text"]["sha256"]
-    tags.update(_dvc_lock_hashes())
-    return tags
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys to JSON leaf values (lists and scalars), as MLflow params (values cut at 6000 chars)."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, dotted + ".")
+        else:
+            flat[dotted] = (value if isinstance(value, str) else json.dumps(value))[:6000]
+    return flat
 
 
 def metric_name(name: str) -> str:
@@ -86,38 +104,102 @@ def _sweep_table(sweep: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return table
 
 
-def log_report(report: dict[str, Any], out_dir: str | Path, uri: str | None = None) -> str:
-    """Log a :func:`mergeflow.zoo.job.zoo_report` result; returns the parent run id."""
+def run_name(zoo_name: str, preset: str | None, started_at: float) -> str:
+    """``<zoo> · <preset or params.yaml> · <UTC start, to the minute>``."""
+    when = datetime.fromtimestamp(started_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{zoo_name} · {preset or 'params.yaml'} · {when}"
+
+
+def context_tags(context: TrackingContext) -> dict[str, str]:
+    """Tags from the caller: preset, Prefect flow run, each step's state and whether all were cached."""
+    tags = {"mergeflow.preset": context.preset or "none"}
+    if context.flow_run_id:
+        tags["prefect.flow_run_id"] = context.flow_run_id
+    if context.steps:
+        tags["mergeflow.cached"] = str(all(state == "Cached" for state in context.steps.values())).lower()
+        tags |= {f"mergeflow.step.{metric_name(step)}": state for step, state in context.steps.items()}
+    return tags
+
+
+def _log_row(row: dict[str, Any], report: dict[str, Any], tags: dict[str, str], model_tags: dict[str, str] | None,
+             datasets: list[Any]) -> tuple[str, Any | None]:  # fmt: skip
+    """One nested run for a row; its merged model logged when ``model_tags`` is given. Returns (run id, model)."""
     import mlflow
 
+    name = row["method"]
+    with mlflow.start_run(run_name=name, nested=True, tags={**tags, "row": name}) as run:
+        client, run_id = mlflow.MlflowClient(), run.info.run_id
+        client.log_inputs(run_id, datasets=datasets)
+        mlflow.log_params({"method": name, **{f"param.{k}": v for k, v in row["params"].items()}})
+        model = None
+        if model_tags is not None and row.get("outputs"):
+            model = log_merged_model(client, run.info.experiment_id, run_id, row, model_tags)
+        metrics = {"test.mean": row["mean"], "test.normalized": row["normalized"]}
+        metrics |= _metrics("test", row["test"])
+        metrics |= _metrics("validation", row.get("validation", {}))
+        mlflow.log_metrics(metrics, model_id=model.model_id if model is not None else None)
+        sweep = report["sweeps"].get(name, [])
+        if sweep:  # the whole grid: a table artifact, and its scores as a metric series
+            mlflow.log_table(_sweep_table(sweep), "grid.json")
+            for step, point in enumerate(sweep):
+                mlflow.log_metric("grid.validation.score", point["score"], step=step)
+        if name in report.get("adaptation", {}):
+            for step, value in enumerate(report["adaptation"][name]["history"]):
+                mlflow.log_metric("adaptation.entropy", value, step=step)
+            mlflow.log_dict(report["adaptation"][name]["coefficients"], "coefficients.json")
+        return run_id, model
+
+
+def log_report(
+    report: dict[str, Any], out_dir: str | Path, uri: str | None = None, context: TrackingContext | None = None
+) -> str:
+    """Log a :func:`mergeflow.zoo.job.zoo_report` result; returns the parent run id."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    from mergeflow.zoo.description import read_zoo
     from mergeflow.zoo.plots import PLOTS
 
-    out_dir = Path(out_dir)
-    from mergeflow.zoo.description import read_zoo
-
+    context = context or TrackingContext()
+    out_dir, uri = Path(out_dir), uri or tracking_uri()
     zoo = read_zoo(report["zoo"])
-    mlflow.set_tracking_uri(uri or tracking_uri())
-    mlflow.set_experiment(f"mergeflow/{zoo.get('name', 'zoo')}")
-    tags = lineage_tags(zoo)
-    with mlflow.start_run(run_name="zoo-report", tags=tags) as parent:
-        mlflow.log_params({"criterion": report["criterion"], "tasks": ",".join(report["tasks"])})
+    zoo_name = zoo.get("name", "zoo")
+    mlflow.set_tracking_uri(uri)
+    experiment = experiment_id(f"mergeflow/{zoo_name}", uri)
+    mlflow.set_experiment(experiment_id=experiment)  # nested runs go where their parent is
+    inputs = zoo_inputs(zoo)
+    datasets = mlflow_dataset_inputs(inputs)
+    tags = lineage_tags(zoo, inputs)
+    champion = champion_row(report)
+    started = context.started_at if context.started_at is not None else time.time()
+    client = mlflow.MlflowClient(uri)
+    parent_tags = {
+        **tags,
+        **context_tags(context),
+        "mergeflow.champion_method": champion["method"] if champion else "none",
+    }
+    from mlflow.tracking.context.registry import resolve_tags  # MLflow's own source/user tags, as start_run adds
+
+    created = client.create_run(experiment, start_time=int(started * 1000), tags=resolve_tags(parent_tags),
+                                run_name=run_name(zoo_name, context.preset, started))  # fmt: skip
+    with mlflow.start_run(run_id=created.info.run_id) as parent:
+        client.log_inputs(parent.info.run_id, datasets=datasets)
+        mlflow.log_params({"criterion": report["criterion"], "tasks": ",".join(report["tasks"]),
+                           "preset": context.preset or "none", "models_logged": context.models})  # fmt: skip
+        if context.config is not None:  # the resolved configuration: a JSON artifact and dotted params
+            mlflow.log_dict(context.config, "config.json")
+            mlflow.log_params({f"config.{k}": v for k, v in flatten(context.config).items()})
+        model_tags = {k: v for k, v in tags.items() if not k.startswith(("mlflow.", "head.", "data."))}
+        model_tags["mergeflow.report_run"] = parent.info.run_id
         for row in report["rows"]:
-            name = row["method"]
-            with mlflow.start_run(run_name=name, nested=True, tags={**tags, "row": name}):
-                mlflow.log_params({"method": name, **{f"param.{k}": v for k, v in row["params"].items()}})
-                metrics = {"test.mean": row["mean"], "test.normalized": row["normalized"]}
-                metrics |= _metrics("test", row["test"])
-                metrics |= _metrics("validation", row.get("validation", {}))
-                mlflow.log_metrics(metrics)
-                sweep = report["sweeps"].get(name, [])
-                if sweep:  # the whole grid: a table artifact, and its scores as a metric series
-                    mlflow.log_table(_sweep_table(sweep), "grid.json")
-                    for step, point in enumerate(sweep):
-                        mlflow.log_metric("grid.validation.score", point["score"], step=step)
-                if name in report.get("adaptation", {}):
-                    for step, value in enumerate(report["adaptation"][name]["history"]):
-                        mlflow.log_metric("adaptation.entropy", value, step=step)
-                    mlflow.log_dict(report["adaptation"][name]["coefficients"], "coefficients.json")
+            logs_model = context.models == "all" or (context.models == "champion" and row is champion)
+            run_id, model = _log_row(row, report, tags, model_tags if logs_model else None, datasets)
+            if row is champion and model is not None:
+                version = register_champion(client, zoo_name, row, model, run_id, model_tags, report["criterion"])
+                mlflow.set_tag("mergeflow.champion_version", f"{version.name}/{version.version}")
+                client.log_outputs(parent.info.run_id, [LoggedModelOutput(model.model_id, 0)])  # shown on the parent
+        if champion is not None:  # the headline: the champion's numbers, in the same columns as the children's
+            mlflow.log_metrics({"test.mean": champion["mean"], "test.normalized": champion["normalized"]})
         mlflow.log_metrics(_metrics("test.mean", {r["method"]: r["mean"] for r in report["rows"]}))
         for name in ("results.json", "report.md", "metrics.json", *PLOTS):
             if (out_dir / name).exists():
@@ -132,9 +214,10 @@ def log_analysis(
     analysis folder (figures, JSON, summary) as artifacts. Returns the run id."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri or tracking_uri())
-    mlflow.set_experiment("mergeflow/analysis")
-    tags = {"mergeflow.version": mergeflow.__version__, "git.commit": _git_commit(), "analysis": name}
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id("mergeflow/analysis", uri))
+    tags = {**code_tags(), "analysis": name}
     with mlflow.start_run(run_name=name, tags=tags) as run:
         flat = {k: (",".join(map(str, v)) if isinstance(v, list | tuple) else v) for k, v in params.items()}
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})

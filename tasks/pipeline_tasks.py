@@ -24,7 +24,7 @@ from mergeflow.adamerging import AdaMergingParams
 from mergeflow.codeid import code_identity
 from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
-from mergeflow.tracking import log_report
+from mergeflow.tracking import TrackingContext, log_report
 from mergeflow.zoo.adapt import adapt_zoo
 from mergeflow.zoo.build import zoo_files
 from mergeflow.zoo.registry import build_zoo as build_named_zoo
@@ -182,6 +182,6 @@ def report(zoo: dict[str, Any], base: dict[str, Any], selections: dict[str, Any]
     name="track", task_run_name="track:mlflow", cache_policy=NO_CACHE, persist_result=False,
     retries=RETRIES, retry_delay_seconds=exponential_backoff(BACKOFF_S), retry_condition_fn=retry_transient,
 )  # fmt: skip
-def track(result: dict[str, Any], out_dir: str, uri: str | None = None) -> str:
-    """Log the report to MLflow (a new parent run per pipeline run)."""
-    return log_report(result, out_dir, uri)
+def track(result: dict[str, Any], out_dir: str, uri: str | None = None, context: TrackingContext | None = None) -> str:
+    """Log the report to MLflow (a new parent run per pipeline run; ``context``: what the flow knows)."""
+    return log_report(result, out_dir, uri, context)

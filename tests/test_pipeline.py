@@ -45,6 +45,7 @@ def test_steps_are_cached_by_content(prefect_server, tmp_path: Path) -> None:
     steps = ["build-zoo", "baselines", "select:weight_average", "select:cart", "adapt:adamerging"]
     first = pipeline(params_file=str(params), mlflow_uri=uri)
     assert first["steps"] == dict.fromkeys(steps, "Completed")
+    zoo_built_ms = (tmp_path / "zoo" / "zoo.json").stat().st_mtime * 1000
     assert "| cart |" in first["table"]
 
     again = pipeline(params_file=str(params), mlflow_uri=uri)  # nothing changed
@@ -64,6 +65,11 @@ def test_steps_are_cached_by_content(prefect_server, tmp_path: Path) -> None:
     client = MlflowClient(uri)
     parents = [result["mlflow_run"] for result in (first, again, changed, rebuilt)]
     assert len(set(parents)) == 4 and all(client.get_run(p).data.tags["theta0.sha256"] for p in parents)
+    runs = [client.get_run(p) for p in parents]
+    assert [r.data.tags["mergeflow.cached"] for r in runs] == ["false", "true", "false", "false"]
+    assert all(len(r.data.tags["prefect.flow_run_id"]) == 36 for r in runs)  # a UUID from prefect.runtime
+    assert runs[2].data.params["config.methods.cart.scaling"] == "1.5" and runs[0].data.params["config.workers"] == "1"
+    assert runs[0].info.start_time <= zoo_built_ms  # the run covers the work: it starts before the zoo is built
 
 
 def test_nightly_deployment_schedule_and_parameters() -> None:

@@ -10,13 +10,11 @@ import contextvars
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +22,13 @@ from uuid import UUID
 
 import pytest
 import yaml
+from servers import free_port, healthy, stop, wait_for
 
 from mergeflow.errors import MergeflowError
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "mergeflow-pipeline/served-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -52,35 +45,6 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-def _wait(condition: Any, timeout: float, what: str, process: subprocess.Popen[bytes] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"{what}: process exited with {process.returncode}")
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect server; yields its API URL."""
@@ -91,7 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "rerun scripts/setup.sh)"
     )
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = _env(
         home / "home",
@@ -105,10 +69,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             env=env, cwd=home, stdout=logfile, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            _wait(lambda: _healthy(url), 120, "prefect server /api/health", process)
+            wait_for(lambda: healthy(url), 120, "prefect server /api/health", process)
             yield url
         finally:
-            _stop(process)
+            stop(process)
 
 
 @pytest.fixture
@@ -171,7 +135,7 @@ def served(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
                     except Exception:  # not registered yet
                         return None
 
-                _wait(deployment, 120, "the served deployment", process)
+                wait_for(deployment, 120, "the served deployment", process)
                 by_hand = run_deployment(DEPLOYMENT, timeout=0)
 
                 def finished() -> dict[str, Any] | None:
@@ -180,15 +144,15 @@ def served(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
                     ours = runs[by_hand.id]
                     return {"scheduled": scheduled[0], "by_hand": ours} if scheduled and ours.state.is_final() else None
 
-                runs = _wait(finished, 300, "the scheduled run and the run started by hand", process)
+                runs = wait_for(finished, 300, "the scheduled run and the run started by hand", process)
             yield {**runs, "process": process, "params": params, "work": work, "mlflow": mlflow_db}
         finally:
-            _stop(process)
+            stop(process)
 
 
 def test_serve_refuses_the_ephemeral_api_with_one_line(tmp_path: Path) -> None:
     """Without PREFECT_API_URL (and with one that does not answer): exit 2 and one line saying what to do."""
-    down = f"http://127.0.0.1:{_free_port()}/api"
+    down = f"http://127.0.0.1:{free_port()}/api"
 
     def serve(name: str, **extra: str) -> subprocess.Popen[str]:
         env, pipe = _env(tmp_path / name, **extra), subprocess.PIPE
@@ -339,7 +303,7 @@ def test_local_runs_exclude_each_other_with_a_file_lock(tmp_path: Path) -> None:
         assert api_is_ephemeral()
         thread = threading.Thread(target=contextvars.copy_context().run, args=(first,))
         thread.start()
-        _wait(lambda: events, 10, "the first holder")
+        wait_for(lambda: events, 10, "the first holder")
         with pytest.raises(MergeflowError, match="gave up after"), file_lock(tmp_path, 0.2):
             pass
         with report_lock(tmp_path, 10):  # waits for the first

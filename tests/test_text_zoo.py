@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -158,7 +159,8 @@ def test_report_selects_on_validation_and_caches_evaluations(tmp_path: Path) -> 
     run = client.get_run(parent)
     zoo = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
     assert run.data.tags["theta0.sha256"] == zoo["theta0"]["sha256"]
-    assert run.data.tags["data.emoji.sha256"] == zoo["tasks"]["emoji"]["data_sha256"]
+    data_file = Path(zoo["tasks"]["emoji"]["data"]).read_bytes()
+    assert run.data.tags["data.emoji.sha256"] == hashlib.sha256(data_file).hexdigest()  # of the file the run read
     assert len(run.data.tags["finetuned.language.sha256"]) == 64 and run.data.tags["mergeflow.version"]
     assert run.data.metrics["test.mean.cart"] == pytest.approx(rows["cart"]["mean"])
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
