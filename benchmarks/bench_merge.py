@@ -140,20 +140,22 @@ def child_grid(data: Path, device: str) -> dict:
 
 
 def child_compare(a: Path, b: Path) -> dict:
-    """Largest per-tensor relative difference ‖a − b‖/‖b‖ and largest entry |a − b| over shared keys.
+    """Largest per-tensor relative difference ‖a − b‖/‖b‖, largest |a − b| and unequal entries over shared keys.
 
     Two directories (per-task outputs) are compared file by file, matched by name.
     """
     from mergeflow.checkpoint import open_checkpoint
 
     pairs = [(a / p.name, p) for p in sorted(b.glob("*.safetensors"))] if b.is_dir() else [(a, b)]
-    worst, worst_key, worst_abs, abs_key = 0.0, "", 0.0, ""
+    worst, worst_key, worst_abs, abs_key, differing, entries = 0.0, "", 0.0, "", 0, 0
     for left, right in pairs:
         with open_checkpoint(left) as ra, open_checkpoint(right) as rb:
             for key in sorted(set(ra.keys()) & set(rb.keys())):
                 x, y = ra.load(key).double(), rb.load(key).double()
                 rel = float((x - y).norm() / y.norm().clamp(min=1e-30))
                 largest = float((x - y).abs().max()) if x.numel() else 0.0
+                differing += int((x != y).sum())
+                entries += x.numel()
                 if rel > worst:
                     worst, worst_key = rel, f"{right.name}:{key}" if len(pairs) > 1 else key
                 if largest > worst_abs:
@@ -163,6 +165,8 @@ def child_compare(a: Path, b: Path) -> dict:
         "worst_key": worst_key,
         "max_abs_difference": worst_abs,
         "max_abs_key": abs_key,
+        "differing_entries": differing,
+        "entries": entries,
         "files": len(pairs),
     }
 
