@@ -8,7 +8,9 @@ to that measurement alone; the RSS of the imports alone is reported beside it. R
 ``<out>/results.json`` and ``<out>/results.md``.
 
 Measured side by side:
-- every registered method (one output file each, ``force=True``);
+- every registered method (``force=True``) with its parameters from ``params.yaml``'s ``methods:``
+  (``--params ''``: the registry defaults); a per-task method writes one model per fine-tune into a
+  directory, and its row records how many files and bytes it wrote;
 - CART with ``svd_solver=full`` (LAPACK SVD) to separate the solver's gain from streaming;
 - ``straightforward_cart``: the procedure of the research code: every checkpoint in memory, a full
   ``torch.linalg.svd`` of every centred matrix per task; its output is compared with ours;
@@ -51,8 +53,31 @@ def child_merge(method: str, data: Path, out: Path, device: str, params: dict) -
     baseline = _rss_mib()
     pretrained, finetuned = _inputs(data)
     start = time.perf_counter()
-    merge_checkpoints(method, pretrained, finetuned, out, params, device=device, force=True)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mib": _rss_mib(), "import_rss_mib": baseline}
+    result = merge_checkpoints(method, pretrained, finetuned, out, params, device=device, force=True)
+    seconds = time.perf_counter() - start
+    row = {
+        "seconds": seconds,
+        "peak_rss_mib": _rss_mib(),
+        "import_rss_mib": baseline,
+        "outputs": len(result.outputs),
+        "written_bytes": sum(Path(p).stat().st_size for p in result.outputs),
+    }
+    from safetensors import safe_open
+
+    with safe_open(str(result.outputs[0]), "pt") as handle:  # per-task methods: bytes kept beyond θ0
+        storage = (handle.metadata() or {}).get("mergeflow.storage")
+    if storage:
+        row["storage"] = json.loads(storage)
+    return row
+
+
+def method_params(path: Path | None, method: str) -> dict:
+    """The parameters ``params.yaml`` gives ``method`` under ``methods:`` ({} without a file: registry defaults)."""
+    if path is None:
+        return {}
+    import yaml
+
+    return dict((yaml.safe_load(path.read_text()).get("methods") or {}).get(method) or {})
 
 
 def child_straightforward_cart(data: Path, out: Path, ratio: float = 0.12, scaling: float = 2.0) -> dict:
@@ -115,16 +140,35 @@ def child_grid(data: Path, device: str) -> dict:
 
 
 def child_compare(a: Path, b: Path) -> dict:
+    """Largest per-tensor relative difference ‖a − b‖/‖b‖, largest |a − b| and unequal entries over shared keys.
+
+    Two directories (per-task outputs) are compared file by file, matched by name.
+    """
     from mergeflow.checkpoint import open_checkpoint
 
-    worst, worst_key = 0.0, ""
-    with open_checkpoint(a) as ra, open_checkpoint(b) as rb:
-        for key in ra.keys():
-            x, y = ra.load(key).double(), rb.load(key).double()
-            rel = float((x - y).norm() / y.norm().clamp(min=1e-30))
-            if rel > worst:
-                worst, worst_key = rel, key
-    return {"max_relative_difference": worst, "worst_key": worst_key}
+    pairs = [(a / p.name, p) for p in sorted(b.glob("*.safetensors"))] if b.is_dir() else [(a, b)]
+    worst, worst_key, worst_abs, abs_key, differing, entries = 0.0, "", 0.0, "", 0, 0
+    for left, right in pairs:
+        with open_checkpoint(left) as ra, open_checkpoint(right) as rb:
+            for key in sorted(set(ra.keys()) & set(rb.keys())):
+                x, y = ra.load(key).double(), rb.load(key).double()
+                rel = float((x - y).norm() / y.norm().clamp(min=1e-30))
+                largest = float((x - y).abs().max()) if x.numel() else 0.0
+                differing += int((x != y).sum())
+                entries += x.numel()
+                if rel > worst:
+                    worst, worst_key = rel, f"{right.name}:{key}" if len(pairs) > 1 else key
+                if largest > worst_abs:
+                    worst_abs, abs_key = largest, f"{right.name}:{key}" if len(pairs) > 1 else key
+    return {
+        "max_relative_difference": worst,
+        "worst_key": worst_key,
+        "max_abs_difference": worst_abs,
+        "max_abs_key": abs_key,
+        "differing_entries": differing,
+        "entries": entries,
+        "files": len(pairs),
+    }
 
 
 def _run_child(*args: str, env: dict[str, str] | None = None) -> dict:
@@ -178,6 +222,10 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
     parser.add_argument("--skip-straightforward", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="fresh-process runs per row (min and max reported)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="methods' parameters from this file's methods: ('' = registry defaults)"
+    )
+    parser.add_argument("--skip-cold", action="store_true", help="no row without the hash cache")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -199,7 +247,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("bench")
-    from mergeflow.methods import method_names
+    from mergeflow.methods import get_method, method_names
     from mergeflow.synthetic import write_example_checkpoints
 
     data = args.data / f"{args.model}-{args.tasks}"
@@ -209,21 +257,32 @@ def main() -> int:
     size = sum(p.stat().st_size for p in data.glob("*.safetensors"))
     outdir = args.data / "merged"
     outdir.mkdir(parents=True, exist_ok=True)
-    methods = [m for m in (args.methods or method_names()) if m != "cart_indexing"]
+    methods = list(args.methods or method_names())
+    params_file = Path(args.params) if args.params else None
+    chosen = {m: method_params(params_file, m) for m in methods}
+
+    def output(method: str, name: str | None = None) -> str:
+        """A file for a single-model method, a directory (one model per fine-tune) for a per-task one."""
+        per_task = get_method(method).per_task_outputs
+        return str(outdir / (name or method)) if per_task else str(outdir / f"{name or method}.safetensors")
+
     # Input hashes live in a cache of the benchmark's own; the first row shows the cost without it.
     os.environ["MERGEFLOW_CACHE_DIR"] = str(args.data / "hash-cache")
     rows: dict[str, dict] = {}
     n = args.repeat
-    cold = f"{methods[0]} (inputs hashed, no hash cache)"
-    rows[cold] = _repeat(
-        n, "merge", methods[0], str(data), str(outdir / "cold.safetensors"), args.device, "{}",
-        env={"MERGEFLOW_HASH_CACHE": "0"},
-    )  # fmt: skip
-    log.info("  %s: %s", cold, rows[cold])
-    _run_child("merge", methods[0], str(data), str(outdir / "prime.safetensors"), args.device, "{}")  # fills the cache
+    first = methods[0]
+    if not args.skip_cold:
+        cold = f"{first} (inputs hashed, no hash cache)"
+        rows[cold] = _repeat(
+            n, "merge", first, str(data), output(first, "cold"), args.device, json.dumps(chosen[first]),
+            env={"MERGEFLOW_HASH_CACHE": "0"},
+        )  # fmt: skip
+        log.info("  %s: %s", cold, rows[cold])
+    _run_child("merge", first, str(data), output(first, "prime"), args.device, json.dumps(chosen[first]))  # the cache
     for method in methods:
-        log.info("merging with %s", method)
-        rows[method] = _repeat(n, "merge", method, str(data), str(outdir / f"{method}.safetensors"), args.device, "{}")
+        log.info("merging with %s %s", method, chosen[method])
+        rows[method] = _repeat(n, "merge", method, str(data), output(method), args.device, json.dumps(chosen[method]))
+        rows[method]["params"] = chosen[method]
         log.info("  %s", rows[method])
     if "cart" in methods:
         rows["cart (svd_solver=full)"] = _repeat(
@@ -258,8 +317,8 @@ def main() -> int:
         "",
         f"Each row: {n} run(s), each in a fresh process; min–max shown.",
         "",
-        "| run | wall time (s) | peak RSS (MiB) | RSS of imports alone (MiB) |",
-        "|---|---|---|---|",
+        "| run | parameters | wall time (s) | peak RSS (MiB) | RSS of imports alone (MiB) | written |",
+        "|---|---|---|---|---|---|",
     ]
 
     def span(row: dict, field: str, fmt: str) -> str:
@@ -267,7 +326,15 @@ def main() -> int:
         return f"{low:{fmt}}" if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}}–{high:{fmt}}"
 
     for name, row in rows.items():
-        cells = [name, span(row, "seconds", ".1f"), span(row, "peak_rss_mib", ".0f"), f"{row['import_rss_mib']:.0f}"]
+        params = ", ".join(f"{k} {v}" for k, v in row.get("params", {}).items())
+        count = row.get("outputs", 0)
+        written = f"{count} × {row['written_bytes'] / count / 1e6:.0f} MB" if count else ""
+        if "storage" in row:
+            written += f" (stored beyond θ0: {row['storage']['total_bytes'] / 1e6:.0f} MB)"
+        cells = [
+            name, params, span(row, "seconds", ".1f"), span(row, "peak_rss_mib", ".0f"),
+            f"{row['import_rss_mib']:.0f}", written,
+        ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if "cart" in rows and "cart grid 8 ratios x 10 scalings" in rows:
         ratio = rows["cart grid 8 ratios x 10 scalings"]["seconds"] / rows["cart"]["seconds"]
