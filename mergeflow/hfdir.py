@@ -35,7 +35,7 @@ import yaml
 
 from mergeflow.checkpoint import MAX_INDEX_BYTES, TensorMeta, stored_fingerprint
 from mergeflow.errors import ConfigError, OutputError
-from mergeflow.writer import SafetensorsWriter, fsync_dir, os_failure, stale_leftovers
+from mergeflow.writer import SafetensorsWriter, check_parent, fsync_dir, os_failure, stale_leftovers
 
 log = logging.getLogger("mergeflow.hfdir")
 
@@ -145,11 +145,7 @@ def check_directory_output(target: str | Path, inputs: Iterable[str | Path] = ()
                 f"{target}: the output directory exists and is not a mergeflow output (no {INDEX_NAME} with "
                 "mergeflow metadata); refusing to replace it"
             )
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise OutputError(f"{target}: cannot write: {parent} is not a directory")
+    check_parent(target)
     return target
 
 

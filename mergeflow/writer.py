@@ -123,12 +123,17 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = (), director
     for source in inputs:
         if _same_file(target, Path(source)):
             raise OutputError(f"{target}: the output is the input {source}; refusing to overwrite an input")
+    check_parent(target)
+    return target
+
+
+def check_parent(target: Path) -> None:
+    """Refuse ``target`` when its nearest existing ancestor is not a directory (nothing could be made there)."""
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"{target}: cannot write: {parent} is not a directory")
-    return target
 
 
 def _kind(mode: int) -> str:
