@@ -33,7 +33,7 @@ from flows.locks import report_lock
 from flows.runners import task_runner
 from mergeflow.config import load_config
 from mergeflow.tracking import TrackingContext, tracking_uri
-from mergeflow.zoo.build import zoo_files
+from mergeflow.zoo.description import zoo_files
 from mergeflow.zoo.report import render
 from tasks.caching import files_exist
 from tasks.pipeline_tasks import adapt, baselines, build_zoo, report, select, track

@@ -19,7 +19,7 @@ from mergeflow.methods import MethodParams, parse_params
 from mergeflow.mlflow_models import ModelsToLog
 from mergeflow.presets import get_preset
 from mergeflow.sources import Source
-from mergeflow.zoo.build import TextZooConfig
+from mergeflow.zoo.text_zoo import TextZooConfig
 from mergeflow.zoo.vision_zoo import VisionZooConfig
 
 

@@ -26,7 +26,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.tracking import TrackingContext, log_report
 from mergeflow.zoo.adapt import adapt_zoo
-from mergeflow.zoo.build import zoo_files
+from mergeflow.zoo.description import zoo_files
 from mergeflow.zoo.registry import build_zoo as build_named_zoo
 from mergeflow.zoo.registry import zoo_sources
 from mergeflow.zoo.report import assemble_report

@@ -37,8 +37,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     """Two single merged models and one per-task method (two files) on a 2-layer, 2-task zoo."""
-    from mergeflow.zoo.build import TextZooConfig, build_text_zoo
     from mergeflow.zoo.job import zoo_report
+    from mergeflow.zoo.text_zoo import TextZooConfig, build_text_zoo
 
     root = tmp_path_factory.mktemp("tiny")
     cfg = TextZooConfig(tasks=("language", "emoji"), train=32, validation=16, test=32, layers=2, max_length=32)

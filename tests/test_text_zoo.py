@@ -14,10 +14,10 @@ from mergeflow.checkpoint import open_checkpoint, read_state_dict
 from mergeflow.engine import merge_checkpoints
 from mergeflow.errors import CheckpointError
 from mergeflow.zoo import text_model
-from mergeflow.zoo.build import TextZooConfig, build_text_zoo
 from mergeflow.zoo.registry import evaluate_checkpoint
 from mergeflow.zoo.text_data import TASK_BUILDERS, make_splits, manifest
 from mergeflow.zoo.text_model import evaluate, finetune, load_text_encoder, zero_shot_head
+from mergeflow.zoo.text_zoo import TextZooConfig, build_text_zoo
 
 EXPECTED = {"wordnet": 26, "fortune_topic": 10, "language": 4, "emoji": 9}
 

@@ -11,8 +11,8 @@ import torch
 
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.writer import save_state_dict
-from mergeflow.zoo.build import TextZooConfig, build_text_zoo
 from mergeflow.zoo.registry import evaluate_checkpoint
+from mergeflow.zoo.text_zoo import TextZooConfig, build_text_zoo
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -74,3 +74,8 @@ def read_zoo(zoo_dir: str | Path) -> dict[str, Any]:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
         raise MergeflowError(f"{path}: not a zoo description ({problems})") from None
     return raw
+
+
+def zoo_files(zoo: dict[str, Any]) -> list[str]:
+    """Every file a built zoo consists of: θ0, and per task its fine-tune, head and data manifest."""
+    return [zoo["theta0"]["file"]] + [f for t in zoo["tasks"].values() for f in (t["model"], t["head"], t["data"])]

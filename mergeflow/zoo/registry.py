@@ -21,11 +21,11 @@ from mergeflow.checkpoint import read_state_dict
 from mergeflow.clip.zoo import ClipEvaluator, ClipZooConfig, build_clip_zoo, data_digests
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import sha256_files_cached
-from mergeflow.zoo.build import TextZooConfig, build_text_zoo
 from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.evaluation import Evaluator
 from mergeflow.zoo.text_data import source_hashes
 from mergeflow.zoo.text_evaluator import TextEvaluator
+from mergeflow.zoo.text_zoo import TextZooConfig, build_text_zoo
 from mergeflow.zoo.vision_data import source_files
 from mergeflow.zoo.vision_zoo import VisionEvaluator, VisionZooConfig, build_vision_zoo
 

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from mergeflow.artefacts import load_strict
 from mergeflow.checkpoint import read_state_dict
-from mergeflow.zoo.build import TextZooConfig
 from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.evaluation import Batch, Evaluator
 from mergeflow.zoo.text_model import encoder_weights, load_text_encoder
+from mergeflow.zoo.text_zoo import TextZooConfig
 
 
 class TextEvaluator(Evaluator):

@@ -132,11 +132,6 @@ def build_text_zoo(directory: str | Path, cfg: TextZooConfig | None = None) -> d
     return zoo
 
 
-def zoo_files(zoo: dict[str, Any]) -> list[str]:
-    """Every file a built zoo consists of: θ0, and per task its fine-tune, head and data manifest."""
-    return [zoo["theta0"]["file"]] + [f for t in zoo["tasks"].values() for f in (t["model"], t["head"], t["data"])]
-
-
 def _beyond(key: str, layers: int) -> bool:
     parts = key.split(".")
     return len(parts) > 2 and parts[0] == "encoder" and parts[1] == "layer" and int(parts[2]) >= layers
