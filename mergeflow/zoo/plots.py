@@ -68,8 +68,9 @@ def plot_series(report: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
     """The curves as data series (``dvc plots`` overlays them across experiments): ``rank_curve`` and
     ``scaling/<method>``, each a list of points."""
     series: dict[str, list[dict[str, float]]] = {}
-    if rank_curve(report):
-        series["rank_curve"] = rank_curve(report)
+    curve = rank_curve(report)
+    if curve:
+        series["rank_curve"] = curve
     for method, points in scaling_curves(report).items():
         series[f"scaling/{method}"] = [{"scaling": x, "score": y} for x, y in points]
     return series
