@@ -7,8 +7,10 @@ with nothing changed returns cached results; changing one method's parameters re
 method's task. A cached result whose files have vanished from disk is recomputed, not trusted.
 Method and adaptation tasks go through a task runner the flow builds from the resolved
 configuration (:func:`flows.runners.task_runner`): ``workers`` threads, or a Dask cluster when
-``dask_address`` is set. ``mergeflow run``, a served deployment and a deployment run by a worker
-therefore all honour the same settings, whatever launched them.
+``dask_address`` is set, where each ``select`` task also sends its grid points to the cluster.
+``mergeflow run``, a served deployment and a deployment run by a worker (``prefect.yaml``)
+therefore all honour the same settings, whatever launched them. MLflow's child runs span the
+Prefect task runs that computed them (:func:`step_spans`).
 
 Everything the flow writes happens under :func:`flows.locks.report_lock`: a second run on the
 same report directory waits for the first (up to ``lock_timeout_s``, then fails with one line).
@@ -75,7 +77,7 @@ def pipeline(
         zoo = zoo_state.result()
         base_state = baselines(zoo, out_dir, return_state=True)
         base = base_state.result()
-        steps = {"build-zoo": zoo_state.name, "baselines": base_state.name}
+        states = {"build-zoo": zoo_state, "baselines": base_state}
         calls = {
             ("select", method): {
                 "zoo": zoo, "method": method, "base": dict(params), "grid": dict(cfg.selection.grids.get(method, {})),
@@ -104,12 +106,14 @@ def pipeline(
                     **parameters, return_state=True
                 ),
             )
-            steps[f"{kind}:{name}"] = state.name
+            states[f"{kind}:{name}"] = state
             selections[name] = state.result()
+        steps = {step: state.name for step, state in states.items()}
         result = report(zoo, base, selections, out_dir, cfg.selection.criterion)
         uri = mlflow_uri or tracking_uri(cfg.tracking.uri)
         context = TrackingContext(started_at=started, preset=cfg.preset, config=cfg.model_dump(mode="json"),
-                                  flow_run_id=flow_run.id, steps=steps, models=cfg.tracking.models)  # fmt: skip
+                                  flow_run_id=flow_run.id, steps=steps, spans=step_spans(states),
+                                  models=cfg.tracking.models)  # fmt: skip
         run_id = track(result, out_dir, uri, context) if track_mlflow else None
     table = render(result)
     key = artifact_key(cfg.zoo.name, out_dir)
@@ -120,6 +124,24 @@ def pipeline(
     )
     log.info("results table in Prefect artifact %s", key)
     return {"steps": steps, "mlflow_run": run_id, "table": table}
+
+
+def step_spans(states: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Each step's (start, end) unix times, from its task run on the Prefect API (a step served from the
+    cache never runs: its span is the instant it was served). Empty, with a warning, if the API fails."""
+    from prefect import get_client
+
+    spans = {}
+    try:
+        with get_client(sync_client=True) as client:
+            for step, state in states.items():
+                run = client.read_task_run(state.state_details.task_run_id)
+                end = run.end_time or state.timestamp
+                spans[step] = ((run.start_time or end).timestamp(), end.timestamp())
+    except Exception as exc:  # the spans only shape MLflow's durations: never fail a finished run for them
+        log.warning("step durations not read from the Prefect API (%s): MLflow shows logging times", exc)
+        return {}
+    return spans
 
 
 def artifact_key(zoo_name: str, report_dir: str | Path) -> str:

@@ -552,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API client logs every request
+    logging.getLogger("mergeflow").setLevel(logging.WARNING if args.quiet else logging.INFO)  # also what Prefect gets
     try:
         return args.func(args)
     except MergeflowError as exc:

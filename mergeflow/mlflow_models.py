@@ -1,6 +1,6 @@
 """Merged models in MLflow: each merge of a report as an MLflow 3 logged model (its files as the
 model's artifacts, linked to the method's run as an output), and the report's best single merged
-model registered in the Model Registry as a new version of ``mergeflow-<zoo>`` with alias
+model registered in the Model Registry as a version of ``mergeflow-<zoo>`` with alias
 ``champion``.
 
 A model's identity is the sha256 of its file, or for a per-task method (one file per task) the
@@ -98,7 +98,9 @@ def log_merged_model(client: Any, experiment_id: str, run_id: str, row: dict[str
 def register_champion(
     client: Any, zoo_name: str, row: dict[str, Any], model: Any, run_id: str, tags: dict[str, str], criterion: str
 ) -> Any:
-    """A new version of :func:`registered_name` from the logged ``model``; alias ``champion`` moves to it."""
+    """The version of :func:`registered_name` holding ``model`` (a new one unless a version of the same
+    files, method, parameters and criterion exists: a rerun that changed nothing registers nothing);
+    alias ``champion`` moves to it."""
     from mlflow.exceptions import MlflowException
 
     name = registered_name(zoo_name)
@@ -112,9 +114,15 @@ def register_champion(
     version_tags = {**tags, "method": row["method"], "params": json.dumps(row["params"], sort_keys=True),
                     "model.sha256": model_identity(model_files(row)), "criterion": criterion,
                     "test.score": f"{score_of(row, criterion):.6f}"}  # fmt: skip
-    version = client.create_model_version(
-        name, source=f"models:/{model.model_id}", run_id=run_id, tags=version_tags, model_id=model.model_id,
-        description=f"{row['method']} with {json.dumps(row['params'], sort_keys=True)}",
-    )  # fmt: skip
+    same = ("model.sha256", "method", "params", "criterion")
+    existing = [v for v in client.search_model_versions(f"name = '{name}'")
+                if all(v.tags.get(k) == version_tags[k] for k in same)]  # fmt: skip
+    if existing:
+        version = max(existing, key=lambda v: int(v.version))
+    else:
+        version = client.create_model_version(
+            name, source=f"models:/{model.model_id}", run_id=run_id, tags=version_tags, model_id=model.model_id,
+            description=f"{row['method']} with {json.dumps(row['params'], sort_keys=True)}",
+        )  # fmt: skip
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return version

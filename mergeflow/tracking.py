@@ -31,6 +31,7 @@ from mergeflow.mlflow_models import ModelsToLog, champion_row, log_merged_model,
 
 DEFAULT_URI = "sqlite:///out/mlflow.db"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+Span = tuple[float, float]  # (start, end) unix times in seconds
 
 
 class TrackingContext(BaseModel):
@@ -43,6 +44,7 @@ class TrackingContext(BaseModel):
     config: dict[str, Any] | None = Field(None, description="the fully resolved configuration (JSON)")
     flow_run_id: str | None = Field(None, description="the Prefect flow run that produced the report")
     steps: dict[str, str] = Field(default_factory=dict, description="pipeline step -> final state name")
+    spans: dict[str, Span] = Field(default_factory=dict, description="pipeline step -> (start, end) of its work")
     models: ModelsToLog = "all"
 
 
@@ -121,14 +123,28 @@ def context_tags(context: TrackingContext) -> dict[str, str]:
     return tags
 
 
+def row_span(name: str, spans: dict[str, Span]) -> Span | None:
+    """The (start, end) of the pipeline step that produced row ``name``: its ``select``/``adapt`` task,
+    else the baselines step (θ0 and the fine-tunes); None when the caller gave no spans."""
+    return spans.get(f"select:{name}") or spans.get(f"adapt:{name}") or spans.get("baselines")
+
+
 def _log_row(row: dict[str, Any], report: dict[str, Any], tags: dict[str, str], model_tags: dict[str, str] | None,
-             datasets: list[Any]) -> tuple[str, Any | None]:  # fmt: skip
-    """One nested run for a row; its merged model logged when ``model_tags`` is given. Returns (run id, model)."""
+             datasets: list[Any], parent_id: str, span: Span | None) -> tuple[str, Any | None]:  # fmt: skip
+    """One nested run for a row; its merged model logged when ``model_tags`` is given. Returns (run id, model).
+
+    With a ``span`` the run starts and ends when the row's step did (a cached step: the instant it was
+    served), so the runs table shows the time each merge took, not the time its logging took."""
     import mlflow
+    from mlflow.tracking.context.registry import resolve_tags  # MLflow's own source/user tags
 
     name = row["method"]
-    with mlflow.start_run(run_name=name, nested=True, tags={**tags, "row": name}) as run:
-        client, run_id = mlflow.MlflowClient(), run.info.run_id
+    client = mlflow.MlflowClient()
+    start = int((span[0] if span else time.time()) * 1000)
+    created = client.create_run(mlflow.active_run().info.experiment_id, start_time=start, run_name=name,
+                                tags=resolve_tags({**tags, "row": name, "mlflow.parentRunId": parent_id}))  # fmt: skip
+    with mlflow.start_run(run_id=created.info.run_id, nested=True) as run:
+        run_id = run.info.run_id
         client.log_inputs(run_id, datasets=datasets)
         mlflow.log_params({"method": name, **{f"param.{k}": v for k, v in row["params"].items()}})
         model = None
@@ -147,7 +163,9 @@ def _log_row(row: dict[str, Any], report: dict[str, Any], tags: dict[str, str], 
             for step, value in enumerate(report["adaptation"][name]["history"]):
                 mlflow.log_metric("adaptation.entropy", value, step=step)
             mlflow.log_dict(report["adaptation"][name]["coefficients"], "coefficients.json")
-        return run_id, model
+    if span:
+        client.set_terminated(run_id, "FINISHED", end_time=max(start, int(span[1] * 1000)))
+    return run_id, model
 
 
 def log_report(
@@ -193,7 +211,15 @@ def log_report(
         model_tags["mergeflow.report_run"] = parent.info.run_id
         for row in report["rows"]:
             logs_model = context.models == "all" or (context.models == "champion" and row is champion)
-            run_id, model = _log_row(row, report, tags, model_tags if logs_model else None, datasets)
+            run_id, model = _log_row(
+                row,
+                report,
+                tags,
+                model_tags if logs_model else None,
+                datasets,
+                parent.info.run_id,
+                row_span(row["method"], context.spans),
+            )
             if row is champion and model is not None:
                 version = register_champion(client, zoo_name, row, model, run_id, model_tags, report["criterion"])
                 mlflow.set_tag("mergeflow.champion_version", f"{version.name}/{version.version}")

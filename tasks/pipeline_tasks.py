@@ -33,6 +33,9 @@ from mergeflow.zoo.report import assemble_report
 from mergeflow.zoo.selection import evaluate_baselines, evaluate_grid_point, select_method
 from mergeflow.zoo.text_model import MINILM_SHA256
 from tasks.caching import content_key
+from tasks.logs import send_library_logs_to_prefect
+
+send_library_logs_to_prefect()  # here, so every process that runs these tasks (Dask workers too) sends them
 
 RETRIES = 3
 BACKOFF_S = 5.0  # then 10 s, 20 s
@@ -120,21 +123,51 @@ def evaluate_point(job: list[Any]) -> list[dict[str, dict[str, float]]]:
     return evaluate_grid_point(*job)
 
 
+def dask_scheduler() -> str | None:
+    """The scheduler address when this code runs inside a Dask worker (a task the cluster placed), else None."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return None
+    try:
+        return str(get_worker().scheduler.address)
+    except ValueError:  # not in a worker
+        return None
+
+
 def point_tasks(workers: int) -> Callable[[Callable[..., Any], list[tuple[Any, ...]], list[str]], list[Any]]:
-    """Evaluate grid points as Prefect tasks named ``evaluate:<label>``, ``workers`` at a time, on a
-    runner of their own (a child submitted to the parent's busy runner would wait forever for a
-    free worker)."""
+    """Evaluate grid points as Prefect tasks named ``evaluate:<label>``.
+
+    Inside a Dask worker (the flow runs on a cluster) every point is submitted to the cluster, which
+    places it on any worker; the ``select`` task waiting for them leaves its worker slot meanwhile
+    (``secede``/``rejoin``), so a cluster of any size cannot deadlock on its own children. Otherwise
+    ``workers`` threads here, on a runner of their own (a child submitted to the parent's busy
+    runner would wait forever for a free worker)."""
+
+    def submit(runner: Any, job: tuple[Any, ...], label: str) -> Any:
+        return runner.submit(evaluate_point.with_options(task_run_name=f"evaluate:{label}"), {"job": list(job)})
+
+    def on_cluster(jobs: list[tuple[Any, ...]], labels: list[str], address: str) -> list[Any]:
+        from distributed import rejoin, secede
+        from prefect_dask import DaskTaskRunner
+
+        with DaskTaskRunner(address=address) as runner:
+            futures = [submit(runner, job, label) for job, label in zip(jobs, labels, strict=True)]
+            secede()
+            try:
+                return [future.result() for future in futures]
+            finally:
+                rejoin()
 
     def run(_: Callable[..., Any], jobs: list[tuple[Any, ...]], labels: list[str]) -> list[Any]:
+        address = dask_scheduler()
+        if address:
+            return on_cluster(jobs, labels, address)
         with ThreadPoolTaskRunner(max_workers=max(1, workers)) as runner:
-
-            def submit(job: tuple[Any, ...], label: str) -> Any:
-                return runner.submit(evaluate_point.with_options(task_run_name=f"evaluate:{label}"), {"job": list(job)})
-
             # the first point runs alone: it loads the evaluator (imports, model) before threads share it
-            # (concurrent first imports of transformers in a fresh Dask worker fail with ImportError)
-            first = [submit(jobs[0], labels[0]).result()] if jobs else []
-            futures = [submit(job, label) for job, label in zip(jobs[1:], labels[1:], strict=True)]
+            # (concurrent first imports of transformers in one fresh process fail with ImportError)
+            first = [submit(runner, jobs[0], labels[0]).result()] if jobs else []
+            futures = [submit(runner, job, label) for job, label in zip(jobs[1:], labels[1:], strict=True)]
             return first + [future.result() for future in futures]
 
     return run

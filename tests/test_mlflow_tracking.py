@@ -134,13 +134,34 @@ def test_report_on_a_real_server(server: Any, tiny_report: tuple[dict[str, Any],
     (file,) = [p for p in fetched.rglob("*") if p.is_file()]
     assert sha256(file) == wrote
 
-    # logged again with a step computed: a new version and alias, the same logged models (no new upload)
+    # logged again with a step computed: the same logged models (no upload) and the same registered
+    # version (no new one for the same files, method and parameters); child runs span their steps
     models = client.search_logged_models([experiment.experiment_id])
-    again = log_report(report, out, uri=server, context=TrackingContext(steps={**steps, "select:cart": "Completed"}))
+    spans = {"select:task_arithmetic": (STARTED + 10.0, STARTED + 70.5), "baselines": (STARTED + 1.0, STARTED + 9.0)}
+    context = TrackingContext(steps={**steps, "select:cart": "Completed"}, spans=spans)
+    again = log_report(report, out, uri=server, context=context)
     assert client.get_run(again).data.tags["mergeflow.cached"] == "false"
     assert {m.model_id for m in client.search_logged_models([experiment.experiment_id])} == {m.model_id for m in models}
-    moved = client.get_model_version_by_alias(registered_name("text-minilm"), "champion")
-    assert int(moved.version) == int(version.version) + 1 and moved.source == version.source
+    name = registered_name("text-minilm")
+    assert client.get_model_version_by_alias(name, "champion").version == version.version
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    found = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{again}'")
+    rerun = {c.info.run_name: c.info for c in found}
+
+    def span(name: str) -> tuple[int, int]:
+        return rerun[name].start_time, rerun[name].end_time
+
+    assert span("task_arithmetic") == (int((STARTED + 10) * 1000), int((STARTED + 70.5) * 1000))
+    assert span("zero-shot (θ0)") == (int((STARTED + 1) * 1000), int((STARTED + 9) * 1000))
+    assert rerun["task_arithmetic"].status == "FINISHED"
+    assert client.get_run(rerun["task_arithmetic"].run_id).data.tags["mlflow.source.name"]  # MLflow's own tags
+
+    # another champion (other parameters): a new version, and the alias moves to it
+    changed = {**report, "rows": [{**r, "params": {**r["params"], "scaling": 9.0}} if r["method"] == best["method"]
+                                  else r for r in report["rows"]]}  # fmt: skip
+    log_report(changed, out, uri=server)
+    moved = client.get_model_version_by_alias(name, "champion")
+    assert int(moved.version) == int(version.version) + 1 and json.loads(moved.tags["params"])["scaling"] == 9.0
 
 
 def test_report_on_sqlite_logs_the_champion_only(tiny_report: tuple[dict[str, Any], Path], tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,12 @@ def test_steps_are_cached_by_content(prefect_server, tmp_path: Path) -> None:
     assert all(len(r.data.tags["prefect.flow_run_id"]) == 36 for r in runs)  # a UUID from prefect.runtime
     assert runs[2].data.params["config.methods.cart.scaling"] == "1.5" and runs[0].data.params["config.workers"] == "1"
     assert runs[0].info.start_time <= zoo_built_ms  # the run covers the work: it starts before the zoo is built
+    children = [{c.info.run_name: c.info for c in client.search_runs([r.info.experiment_id],
+                                                                       f"tags.mlflow.parentRunId = '{r.info.run_id}'")}
+                for r in runs[:2]]  # fmt: skip
+    computed, cached = (kids["cart"] for kids in children)  # a child run spans its step's task run
+    assert runs[0].info.start_time <= computed.start_time < computed.end_time <= runs[0].info.end_time
+    assert cached.end_time - cached.start_time < computed.end_time - computed.start_time
 
 
 def test_nightly_deployment_schedule_and_parameters() -> None:
@@ -79,16 +86,34 @@ def test_nightly_deployment_schedule_and_parameters() -> None:
     assert deployment.parameters == {"params_file": "params.yaml"}
 
 
-def test_the_flow_runs_on_a_local_dask_cluster(prefect_server, tmp_path: Path) -> None:
-    """The same flow through prefect-dask (worker processes), chosen by the configuration alone (the flow
-    builds its task runner from ``dask_address`` and ``workers``); a thread rerun then finds every step cached."""
+def test_the_flow_spreads_grid_points_over_a_dask_cluster(prefect_server, tmp_path: Path) -> None:
+    """On a cluster of separate worker processes (reached by address, as a team's cluster is), every
+    grid-point evaluation is a task the cluster places: one grid's points run on both workers, and the
+    table equals a single-process run's. A thread rerun then finds every step cached."""
+    from distributed import Client, LocalCluster, get_task_stream
+
     from flows.runners import task_runner
 
     params = _params(tmp_path / "params.yaml", cart_scaling=2.0)
     steps = ["build-zoo", "baselines", "select:weight_average", "select:cart", "adapt:adamerging"]
-    dask = {"dask_address": "local", "workers": 2}
-    on_dask = pipeline(params_file=str(params), overrides=dask, track_mlflow=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        workers = {pid: address for address, pid in client.run(os.getpid).items()}
+        with get_task_stream(client) as stream:
+            on_dask = pipeline(params_file=str(params), overrides={"dask_address": cluster.scheduler_address,
+                                                                    "workers": 2}, track_mlflow=False)  # fmt: skip
     assert on_dask["steps"] == dict.fromkeys(steps, "Completed")
+    points = [t for t in stream.data if "evaluate" in str(t["key"])]
+    assert len(points) == 5  # cart's 2 × 2 grid and weight averaging's one point
+    assert {t["worker"] for t in points} == set(workers.values())  # spread over both worker processes
     assert type(task_runner(2, "local")).__name__ == "DaskTaskRunner"
+
+    serial = pipeline(params_file=str(params), overrides={"report_dir": str(tmp_path / "serial")}, track_mlflow=False)
+    assert serial["steps"]["select:cart"] == "Completed" and _numbers(serial["table"]) == _numbers(on_dask["table"])
     on_threads = pipeline(params_file=str(params), track_mlflow=False)
     assert on_threads["steps"] == dict.fromkeys(steps, "Cached") and on_threads["table"] == on_dask["table"]
+
+
+def _numbers(table: str) -> list[str]:
+    """The table's rows without the paths of its outputs (they name the report directory)."""
+    return [line for line in table.splitlines() if line.startswith("|")]

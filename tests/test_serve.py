@@ -359,3 +359,53 @@ def test_only_transient_failures_of_io_steps_are_retried() -> None:
     assert steps.build_zoo.retries == steps.track.retries == steps.RETRIES > 0
     assert steps.build_zoo.retry_delay_seconds == [5.0, 10.0, 20.0]
     assert all(t.retries == 0 for t in (steps.select, steps.adapt, steps.evaluate_point, steps.baselines, steps.report))
+
+
+def test_a_worker_runs_the_work_pool_deployment(server: str, api: Any, tmp_path: Path) -> None:
+    """``prefect.yaml`` as the README says: a process work pool, ``prefect deploy`` of its deployment
+    (parameters and pool overridden), a run started by hand, and a worker started elsewhere that finds
+    the checkout through MERGEFLOW_CHECKOUT, runs the flow there and completes it."""
+    from prefect.deployments import run_deployment
+
+    params = _params(tmp_path / "params.yaml")
+    env = _env(tmp_path / "home", PREFECT_API_URL=server, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    pool = "mergeflow-worker-test"
+
+    def prefect(*args: str, cwd: Path = PROJECT, **extra: str) -> str:
+        done = subprocess.run([str(BIN / "prefect"), *args], env=env | extra, cwd=cwd, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    before = {p.name for p in PROJECT.iterdir()}
+    prefect("work-pool", "create", pool, "--type", "process")
+    prefect("--no-prompt", "deploy", "--name", "nightly-pool", "--pool", pool,
+            "--params", json.dumps({"params_file": str(params)}))  # fmt: skip
+    assert {p.name for p in PROJECT.iterdir()} == before  # deploying wrote nothing into the checkout
+    deployment = api.read_deployment_by_name("mergeflow-pipeline/nightly-pool")
+    assert deployment.work_pool_name == pool and [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $MERGEFLOW_CHECKOUT }}"}}
+    ]  # resolved by the worker, on its machine
+    run = run_deployment("mergeflow-pipeline/nightly-pool", timeout=0)
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    prefect("worker", "start", "--pool", pool, "--run-once", cwd=elsewhere, MERGEFLOW_CHECKOUT=str(PROJECT))
+    finished = api.read_flow_run(run.id)
+    assert finished.state.is_completed(), finished.state
+    results = json.loads((tmp_path / "zoo" / "report" / "results.json").read_text())
+    assert {row["method"] for row in results["rows"]} >= {"weight_average", "cart", "adamerging"}
+    from flows.pipeline import artifact_key
+
+    assert artifact_key("text-minilm", tmp_path / "zoo" / "report") in {a.key for a in api.read_artifacts()}
+
+
+def test_the_library_log_lines_are_in_the_run_logs(served: dict[str, Any], api: Any) -> None:
+    """mergeflow's own log records reach the Prefect run's logs, from the flow and from inside tasks."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    run_id = served["scheduled"].id
+    logs = api.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    library = [log for log in logs if log.name.startswith("mergeflow")]
+    assert "mergeflow.pipeline" in {log.name for log in library}  # the flow's own line
+    assert any(log.task_run_id is not None and log.name != "mergeflow.pipeline" for log in library)  # a task's

@@ -76,9 +76,11 @@ HIDDEN_PARAMS = ("exclude", "include", "svd_solver")
 
 
 def render(report: dict[str, Any]) -> str:
+    """Markdown: one row per model, the test accuracies first and the chosen parameters last (a long
+    parameter list then never pushes the numbers out of a narrow view, such as Prefect's artifact page)."""
     tasks = report["tasks"]
     lines = [
-        "| model | chosen parameters | " + " | ".join(tasks) + " | mean | normalized |",
+        "| model | " + " | ".join(tasks) + " | mean | normalized | chosen parameters |",
         "|---" * (len(tasks) + 4) + "|",
     ]
     for row in report["rows"]:
@@ -86,7 +88,7 @@ def render(report: dict[str, Any]) -> str:
         params = ", ".join(f"{k}={v}" for k, v in shown.items())
         cells = " | ".join(f"{100 * row['test'][t]:.1f}" for t in tasks)
         lines.append(
-            f"| {row['method']} | {params or '–'} | {cells} | {100 * row['mean']:.1f} | {100 * row['normalized']:.1f} |"
+            f"| {row['method']} | {cells} | {100 * row['mean']:.1f} | {100 * row['normalized']:.1f} | {params or '–'} |"
         )
     return "\n".join(lines)
 
