@@ -6,7 +6,8 @@ tensor shapes, bfloat16, as sharded Hugging Face directories, plus one mergekit 
 Then each recipe runs through both tools as whole processes, on the same files:
 
     mergeflow merge --config build/bench-llm/ties.yaml --output build/bench-llm/out/mf-ties --format hf --force
-    mergekit-yaml build/bench-llm/ties.yaml build/bench-llm/out/mk-ties          # in a venv with mergekit 0.1.5
+    (cd build/bench-llm && mergekit-yaml ties.yaml out/mk-ties --no-copy-tokenizer --no-write-model-card)
+                                     # in a venv with mergekit 0.1.5; it resolves `model:` from the cwd
     python benchmarks/bench_llm.py --out build/bench-llm --compare out/mf-ties out/mk-ties
 
 Shapes (LlamaForCausalLM): hidden 2048, intermediate 5632, 22 layers, 32 query and 4 key/value
@@ -94,23 +95,24 @@ def write_hf_dir(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
 
 
+def _randn(shape: tuple[int, ...], *seeds: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(hash(seeds) & 0x7FFF_FFFF_FFFF))
+
+
 def write_inputs(out: Path, tasks: int, seed: int) -> None:
-    """θ0 and ``tasks`` fine-tunes (skipped when all exist), one tensor in float32 at a time."""
-    names = ["base", *(f"ft_{t}" for t in range(tasks))]
-    if all((out / n / "model.safetensors.index.json").exists() for n in names):
-        log.info("inputs exist in %s", out)
-        return
-    generator = torch.Generator().manual_seed(seed)
-    models: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
-    for key, shape in layout().items():
-        noise = torch.randn(shape, generator=generator)
-        base = 1.0 + 0.02 * noise if len(shape) == 1 else 0.02 * noise
-        shared = 2e-3 * torch.randn(shape, generator=generator)
-        models["base"][key] = base.to(torch.bfloat16)
-        for t in range(tasks):
-            tau = shared + 2e-3 * torch.randn(shape, generator=generator)
-            models[f"ft_{t}"][key] = (base + tau).to(torch.bfloat16)
-    for name, tensors in models.items():
+    """θ0 and ``tasks`` fine-tunes (those missing), one model in memory at a time: every tensor is drawn
+    from a generator seeded by (seed, key, part), so each model is rebuilt alone, the same every time."""
+    for model in [-1, *range(tasks)]:  # -1: θ0
+        name = "base" if model < 0 else f"ft_{model}"
+        if (out / name / "model.safetensors.index.json").exists():
+            continue
+        tensors = {}
+        for k, (key, shape) in enumerate(layout().items()):
+            noise = _randn(shape, seed, k, 0)
+            value = 1.0 + 0.02 * noise if len(shape) == 1 else 0.02 * noise
+            if model >= 0:  # τt = a part shared by the tasks + the task's own
+                value += 2e-3 * (_randn(shape, seed, k, 1) + _randn(shape, seed, k, 2 + model))
+            tensors[key] = value.to(torch.bfloat16)
         log.info("writing %s", out / name)
         write_hf_dir(out / name, tensors)
 
@@ -129,8 +131,12 @@ def write_recipes(out: Path, tasks: int) -> None:
 
 
 def _tensors(folder: Path) -> dict[str, Path]:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    return {key: folder / shard for key, shard in index["weight_map"].items()}
+    """Key -> file of an HF directory: sharded (with its index) or one ``model.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {key: folder / shard for key, shard in json.loads(index.read_text())["weight_map"].items()}
+    with safe_open(str(folder / "model.safetensors"), "pt") as single:
+        return dict.fromkeys(single.keys(), folder / "model.safetensors")
 
 
 def compare(left: Path, right: Path) -> dict[str, float | int | str]:
