@@ -14,7 +14,9 @@ Prefect task runs that computed them (:func:`step_spans`).
 
 Everything the flow writes happens under :func:`flows.locks.report_lock`: a second run on the
 same report directory waits for the first (up to ``lock_timeout_s``, then fails with one line).
-The flow ends with a Markdown artifact: the results table and the MLflow run.
+A finished run records what it was computed from (:mod:`flows.uptodate`), so ``mergeflow run``
+with nothing changed answers without starting Prefect. The flow ends with a Markdown artifact:
+the results table and the MLflow run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from prefect.runtime import flow_run
 
 from flows.locks import report_lock
 from flows.runners import task_runner
+from flows.uptodate import run_key, write_record
 from mergeflow.config import load_config
 from mergeflow.tracking import TrackingContext, tracking_uri
 from mergeflow.zoo.description import zoo_files
@@ -66,6 +69,8 @@ def pipeline(
     same report directory to finish."""
     cfg = load_config(params_file, overrides, preset)
     out_dir = str(cfg.report_path())
+    uri = mlflow_uri or tracking_uri(cfg.tracking.uri)
+    key = run_key(cfg, uri if track_mlflow else None)  # at the start: what this run computes from
     with report_lock(out_dir, lock_timeout_s), task_runner(cfg.workers, cfg.dask_address) as runner:
         started = time.time()  # the work starts once the report directory is ours (the MLflow run's start)
         zoo_args = (str(cfg.zoo.dir), cfg.zoo.settings(), cfg.zoo.name)
@@ -110,12 +115,12 @@ def pipeline(
             selections[name] = state.result()
         steps = {step: state.name for step, state in states.items()}
         result = report(zoo, base, selections, out_dir, cfg.selection.criterion)
-        uri = mlflow_uri or tracking_uri(cfg.tracking.uri)
         context = TrackingContext(started_at=started, preset=cfg.preset, config=cfg.model_dump(mode="json"),
                                   flow_run_id=flow_run.id, steps=steps, spans=step_spans(states),
                                   models=cfg.tracking.models)  # fmt: skip
         run_id = track(result, out_dir, uri, context) if track_mlflow else None
-    table = render(result)
+        table = render(result)
+        write_record(cfg, key, table, str(flow_run.id) if flow_run.id else None, run_id)
     key = artifact_key(cfg.zoo.name, out_dir)
     create_markdown_artifact(
         markdown=report_markdown(table, steps, run_id, uri, mlflow_run_url(uri, run_id) if run_id else None),

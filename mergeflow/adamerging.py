@@ -8,6 +8,10 @@ one merging coefficient per (parameter tensor, task) by entropy minimisation.
 λ starts at ``init`` and is trained with Adam on the sum over tasks of the mean Shannon entropy of
 each task's predictions on unlabelled batches (the recipe: init 0.3, clip [0, 1], lr 1e-3,
 batches of 16, ~500 steps). The model is a callback, so any architecture can be adapted.
+
+The vectors of one tensor are stacked, V_k of shape (T, *shape), so that the sum over tasks is one
+matrix-vector product λ_k · V_k and its gradient ∂L/∂λ_k = V_k · ∂L/∂θ_k another: each step reads
+every vector once forward and once backward, and keeps no per-task temporaries.
 """
 
 from __future__ import annotations
@@ -49,37 +53,39 @@ class AdaMergingParams(BaseModel):
         return self
 
 
+Stacked = dict[str, torch.Tensor]  # key -> (T, *shape): the T tasks' vectors of one tensor
+
+
 def adaptation_vectors(
     params: AdaMergingParams, base: Mapping[str, torch.Tensor], tuned: Sequence[Mapping[str, torch.Tensor]]
-) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """(A, [v_t]) in float32 for ``params.over``; v_t holds only the tensors that get coefficients."""
+) -> tuple[dict[str, torch.Tensor], Stacked]:
+    """(A, V) in float32 for ``params.over``; ``V[k][t]`` is v_{t,k}, for the tensors that get coefficients."""
     floats = [k for k, v in base.items() if v.is_floating_point()]
     if params.over == "task_arithmetic":
         anchor = {k: base[k].float() for k in floats}
-        return anchor, [{k: t[k].float() - anchor[k] for k in floats} for t in tuned]
+        return anchor, {k: torch.stack([t[k].float() - anchor[k] for t in tuned]) for k in floats}
     anchor = {k: torch.stack([t[k].float() for t in tuned]).mean(0) for k in floats}
     selector = make_selector("attn_mlp")
     selected = [k for k in floats if selector.selects(k, TensorMeta(tuple(base[k].shape), base[k].dtype))]
-    vectors = []
-    for t in tuned:
-        vectors.append(
-            {k: low_rank(t[k].float() - anchor[k], rank_from_ratio(params.rank_ratio, tuple(base[k].shape)))
-             for k in selected}
-        )  # fmt: skip
-    return anchor, vectors
+    stacked = {}
+    for k in selected:
+        rank = rank_from_ratio(params.rank_ratio, tuple(base[k].shape))
+        stacked[k] = torch.stack([low_rank(t[k].float() - anchor[k], rank) for t in tuned])
+    return anchor, stacked
 
 
 def combine(
     anchor: Mapping[str, torch.Tensor],
-    vectors: Sequence[Mapping[str, torch.Tensor]],
+    vectors: Stacked,
     coefficients: Mapping[str, torch.Tensor],
     clip: tuple[float, float],
 ) -> dict[str, torch.Tensor]:
-    """θ = A + Σt clip(λ_{k,t}) · v_{t,k} (differentiable in λ)."""
+    """θ_k = A_k + Σt clip(λ_{k,t}) · v_{t,k}, as one product clip(λ_k) · V_k (differentiable in λ)."""
     merged = dict(anchor)
     for key, lam in coefficients.items():
-        lam = lam.clamp(*clip)
-        merged[key] = anchor[key] + sum(lam[t] * v[key] for t, v in enumerate(vectors))
+        stack = vectors[key]
+        flat = stack.reshape(stack.shape[0], -1)
+        merged[key] = anchor[key] + (lam.clamp(*clip).unsqueeze(0) @ flat).reshape(stack.shape[1:])
     return merged
 
 
@@ -91,7 +97,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def adamerge(
     anchor: Mapping[str, torch.Tensor],
-    vectors: Sequence[Mapping[str, torch.Tensor]],
+    vectors: Stacked,
     task_logits: Callable[[Mapping[str, torch.Tensor], int, torch.Generator], list[torch.Tensor]],
     params: AdaMergingParams,
     progress_every: int = 50,
@@ -103,9 +109,9 @@ def adamerge(
     """
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
-    keys = sorted(vectors[0]) if vectors else []
+    keys = sorted(vectors)
     device = next(iter(anchor.values())).device if anchor else torch.device("cpu")
-    coefficients = {k: torch.full((len(vectors),), params.init, device=device, requires_grad=True) for k in keys}
+    coefficients = {k: torch.full((vectors[k].shape[0],), params.init, device=device, requires_grad=True) for k in keys}
     optimizer = torch.optim.Adam(list(coefficients.values()), lr=params.lr)
     history, start = [], time.perf_counter()
     for step in range(params.steps):

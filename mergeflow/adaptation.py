@@ -5,9 +5,10 @@ checkpoint files with an evaluator that implements the adaptation part of the pr
 :class:`mergeflow.zoo.evaluation.Evaluator`: ``tasks`` (names), ``module`` (the model, for eval
 mode and frozen weights), ``sample_unlabelled(task, count, generator)`` (a batch of inputs; labels
 are never asked for), ``logits_with(task, inputs, params)`` (a functional forward with ``params``
-replacing weights) and, optionally, ``to(device)``. The adapted model is written atomically with
-its fingerprint (parameters, the sha256 of every input, the evaluator's identity and the code
-identity), so a rerun with the same inputs reuses it.
+replacing weights) and, optionally, ``to(device)`` and ``logits_many(batches, params)`` (every
+task's batch at once, a list of logits in the order of ``batches``). The adapted model is written
+atomically with its fingerprint (parameters, the sha256 of every input, the evaluator's identity
+and the code identity), so a rerun with the same inputs reuses it.
 
 An evaluator is named on the command line as ``package.module:factory``; ``factory(**options)``
 returns it (``mergeflow adapt --evaluator ... --evaluator-option key=value``).
@@ -122,7 +123,7 @@ def adapt_checkpoints(
     anchor, vectors = adaptation_vectors(params, base, [read_state_dict(m) for m in finetuned])
     where = resolve_device(device)
     anchor = {k: v.to(where) for k, v in anchor.items()}
-    vectors = [{k: v.to(where) for k, v in vector.items()} for vector in vectors]
+    vectors = {k: v.to(where) for k, v in vectors.items()}
     if hasattr(evaluator, "to"):
         evaluator = evaluator.to(where)  # type: ignore[attr-defined]
     evaluator.module.eval()  # no dropout: the entropy is the deployed model's
@@ -131,6 +132,8 @@ def adapt_checkpoints(
 
     def task_logits(state: dict[str, torch.Tensor], _: int, generator: torch.Generator) -> list[torch.Tensor]:
         batches = [(t, evaluator.sample_unlabelled(t, params.batch_size, generator)) for t in tasks]
+        if hasattr(evaluator, "logits_many"):  # every task's batch in one pass (less padding)
+            return evaluator.logits_many(batches, state)  # type: ignore[attr-defined]
         return [evaluator.logits_with(task, batch, state) for task, batch in batches]  # labels never read
 
     merged, lam, history = adamerge(anchor, vectors, task_logits, params)

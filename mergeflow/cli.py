@@ -302,9 +302,11 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _quiet_offline_services()
+    overrides = _run_overrides(args)  # bad parameters are reported before Prefect starts anything
+    if not args.force and _up_to_date(args, overrides):
+        return 0
     from flows.pipeline import pipeline
 
-    overrides = _run_overrides(args)  # bad parameters are reported before Prefect starts anything
     result = pipeline(params_file=args.params, overrides=overrides, preset=args.preset, track_mlflow=not args.no_mlflow)
     sys.stdout.write(result["table"] + "\n")
     for step, state in result["steps"].items():
@@ -312,6 +314,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result["mlflow_run"]:
         sys.stdout.write(f"MLflow run: {result['mlflow_run']}\n")
     return 0
+
+
+def _up_to_date(args: argparse.Namespace, overrides: dict[str, Any]) -> bool:
+    """Print the last run's table and say so when nothing it depends on changed (flows.uptodate)."""
+    from flows.uptodate import current_record
+    from mergeflow.config import load_config
+    from mergeflow.tracking import tracking_uri
+
+    cfg = load_config(args.params, overrides, args.preset)
+    record = current_record(cfg, None if args.no_mlflow else tracking_uri(cfg.tracking.uri))
+    if record is None:
+        return False
+    sys.stdout.write(record["table"] + "\n")
+    tracked = f", MLflow run {record['mlflow_run']}" if record["mlflow_run"] else ""
+    sys.stdout.write(
+        f"up to date: nothing changed since the run that finished {record['finished_at']} "
+        f"(Prefect flow run {record['flow_run_id']}{tracked}); --force runs the flow again\n"
+    )
+    return True
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -504,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override params.yaml: methods.cart.scaling=1.5"
     )
+    run.add_argument(
+        "--force", action="store_true",
+        help="run the flow even when nothing changed since the last finished run (its steps still come from the cache)",
+    )  # fmt: skip
     run.set_defaults(func=_cmd_run)
     analyze = sub.add_parser("analyze", help="the papers' analyses as Prefect flows (figures, report, MLflow)")
     analyze.add_argument(

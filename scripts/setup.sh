@@ -31,7 +31,18 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
+# Installed already from these exact files (and findable)? Then there is nothing to do: a rerun of
+# the demo should not spend 15 s asking pip again (delete .venv/.mergeflow-installed to reinstall).
+STAMP=.venv/.mergeflow-installed
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $(python -V 2>&1)"
+FOUND='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("mergeflow", "flows", "torch", "prefect")))'
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && python -c "$FOUND" 2>/dev/null; then
+  exit 0
+fi
+rm -f "$STAMP"
 python -m pip install --quiet --upgrade pip
 # torch/torchvision first, pinned: open_clip needs a torchvision built for the same torch.
-python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install --quiet -e ".[test]"
+# --no-cache-dir: pip's wheel cache would keep a second copy of several GB of CUDA libraries.
+python -m pip install --quiet --no-cache-dir "torch==2.14.1" "torchvision==0.29.1"
+python -m pip install --quiet --no-cache-dir -e ".[test]"
+echo "$WANT" > "$STAMP"

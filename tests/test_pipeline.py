@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,45 @@ def test_steps_are_cached_by_content(prefect_server, tmp_path: Path) -> None:
     computed, cached = (kids["cart"] for kids in children)  # a child run spans its step's task run
     assert runs[0].info.start_time <= computed.start_time < computed.end_time <= runs[0].info.end_time
     assert cached.end_time - cached.start_time < computed.end_time - computed.start_time
+
+
+def test_a_rerun_with_nothing_changed_answers_from_the_run_record(prefect_server, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.uptodate import current_record
+    from mergeflow.config import load_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = _params(tmp_path / "params.yaml", cart_scaling=2.0)
+    first = pipeline(params_file=str(params), mlflow_uri=uri)
+    cfg = load_config(params)
+    record = current_record(cfg, uri)
+    assert record is not None and record["mlflow_run"] == first["mlflow_run"] and record["table"] == first["table"]
+    client = MlflowClient(uri)
+    experiment = client.get_run(first["mlflow_run"]).info.experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, "-m", "mergeflow.cli", "run", "--params", str(params)], env=env,
+                          capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date" in proc.stdout and first["mlflow_run"] in proc.stdout and first["table"] in proc.stdout
+    assert "Starting temporary server" not in proc.stderr + proc.stdout  # Prefect never started
+    assert len(client.search_runs([experiment])) == runs_before  # nothing new logged
+
+    report = tmp_path / "zoo" / "report" / "report.md"
+    original = report.read_bytes()
+    report.write_bytes(original + b"edited by hand\n")
+    assert current_record(cfg, uri) is None  # an output with other bytes
+    report.write_bytes(original)
+    assert current_record(cfg, uri) is not None  # the same bytes again (a new mtime, hashed afresh)
+    stray = tmp_path / "zoo" / "report" / "stray.txt"
+    stray.write_text("not from the run")
+    assert current_record(cfg, uri) is None  # a file the run did not leave
+    stray.unlink()
+    assert current_record(load_config(params, {"methods.cart.scaling": 1.5}), uri) is None  # another parameter
+    assert current_record(cfg, None) is None  # tracked before, not now
+    client.delete_run(first["mlflow_run"])
+    assert current_record(cfg, uri) is None  # its MLflow run is gone: log anew
 
 
 def test_nightly_deployment_schedule_and_parameters() -> None:

@@ -6,7 +6,6 @@ evaluated like every other merge.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,6 @@ from mergeflow.adaptation import adapt_checkpoints, adaptation_fingerprint
 from mergeflow.codeid import code_identity
 from mergeflow.zoo.evalcache import EvaluationCache
 from mergeflow.zoo.registry import make_evaluator, read_zoo
-
-log = logging.getLogger("mergeflow.adapt")
 
 
 def adapt_zoo(
@@ -48,7 +45,6 @@ def adapt_zoo(
     }
     row = {"method": name, "params": params.model_dump(mode="json"), "validation": scores["validation"],
            "test": scores["test"], "outputs": [str(target)], "grid_points": 0}  # fmt: skip
-    log.info("%s: adaptation took %.0f s, final entropy %.4f", name, seconds, history[-1] if history else float("nan"))
     return {"row": row, "history": history, "coefficients": coefficients, "tasks": tasks, "seconds": seconds}
 
 

@@ -220,7 +220,7 @@ def select_method(
     target = out_dir / "merged" / name
     merged = merge_checkpoints(method, theta0, models, target, best["params"], device=device)  # exact, not A + λ·D
     test = task_scores([evaluator(p, "test") for p in merged.outputs])
-    log.info("%s: %d grid points (merge pass: %s s), chose %s", method, len(tried),
+    log.info("%s: %d grid point%s (merge pass: %s s), chose %s", method, len(tried), "" if len(tried) == 1 else "s",
              "cached" if basis_seconds is None else f"{basis_seconds:.1f}", best["params"])  # fmt: skip
     row = {"method": method, "params": best["params"], "validation": best["validation"], "test": test,
            "grid_points": len(tried), "outputs": [str(p) for p in merged.outputs]}  # fmt: skip

@@ -1,13 +1,15 @@
 """Fast repeated evaluation on a built text zoo: one MiniLM, the heads, and every split tokenised once.
 
-Batches are formed from examples sorted by token length (little padding), so evaluating a model
-costs forward passes only. Accuracy is top-1 of ``head · embedding``; loss is mean cross-entropy.
+Batches are formed from examples sorted by token length (85 % of the positions computed are real
+tokens on the validation splits), so evaluating a model costs forward passes only. AdaMerging's
+random batches are packed without padding instead (:meth:`TextEvaluator.logits_many`). Accuracy
+is top-1 of ``head · embedding``; loss is mean cross-entropy.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from mergeflow.artefacts import load_strict
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.zoo.description import read_zoo
 from mergeflow.zoo.evaluation import Batch, Evaluator
+from mergeflow.zoo.packing import mean_pool, pack
 from mergeflow.zoo.text_model import encoder_weights, load_text_encoder
 from mergeflow.zoo.text_zoo import TextZooConfig
 
@@ -64,12 +67,7 @@ class TextEvaluator(Evaluator):
 
     def embed(self, inputs: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Normalised mean-pooled embeddings; ``params`` replaces weights functionally (differentiable)."""
-        model = self.encoder.model
-        if params is None:
-            hidden = model(**inputs).last_hidden_state
-        else:
-            output = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False)
-            hidden = output.last_hidden_state
+        hidden = self._hidden(inputs, params)
         mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
@@ -88,6 +86,45 @@ class TextEvaluator(Evaluator):
     ) -> torch.Tensor:
         head = self.heads[task]
         return self.embed({k: v.to(head.device) for k, v in inputs.items()}, params=params) @ head.T
+
+    def embed_packed(
+        self, sequences: Sequence[Mapping[str, torch.Tensor]], params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """:meth:`embed` of unpadded sequences (1-D ``input_ids``/``token_type_ids`` each), packed into rows
+        of ``max_length`` positions (:mod:`mergeflow.zoo.packing`): the same embeddings to float round-off,
+        without computing padding."""
+        pad_id = int(self.encoder.tokenizer.pad_token_id or 0)  # type: ignore[attr-defined]
+        packed = pack(sequences, max(self.encoder.max_length, max(len(q["input_ids"]) for q in sequences)), pad_id)
+        device = next(iter(self.heads.values())).device
+        hidden = self._hidden({k: v.to(device) for k, v in packed.inputs.items()}, params)
+        return F.normalize(mean_pool(hidden, packed), dim=-1)
+
+    def _hidden(self, inputs: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """The encoder's last hidden states; ``params`` replaces weights functionally (differentiable)."""
+        model = self.encoder.model
+        if params is None:
+            return model(**inputs).last_hidden_state
+        return torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False).last_hidden_state
+
+    def logits_many(
+        self, batches: Sequence[tuple[str, dict[str, torch.Tensor]]], params: Mapping[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``logits_with`` of several tasks' batches under the same weights, in one padding-free forward.
+
+        Every batch's sequences are unpadded and packed together (:meth:`embed_packed`); each task's
+        logits are what ``logits_with`` gives, to float round-off. On the text zoo's random test
+        batches of 16 the forward computes ~1 500 token positions a step instead of ~2 600.
+        """
+        if not batches:
+            return []
+        sequences, owners = [], []
+        for b, (_, inputs) in enumerate(batches):
+            for i, n in enumerate(inputs["attention_mask"].sum(1).tolist()):
+                sequences.append({k: v[i, : int(n)] for k, v in inputs.items() if k in ("input_ids", "token_type_ids")})
+                owners.append(b)
+        embedded = self.embed_packed(sequences, params)
+        owner = torch.tensor(owners)
+        return [embedded[owner == b] @ self.heads[task].T for b, (task, _) in enumerate(batches)]
 
     def to(self, device: torch.device) -> TextEvaluator:
         """Move the encoder and heads (adaptation on a GPU); evaluation keeps to the CPU copy."""
