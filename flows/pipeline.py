@@ -83,11 +83,13 @@ def pipeline(
         base_state = baselines(zoo, out_dir, return_state=True)
         base = base_state.result()
         states = {"build-zoo": zoo_state, "baselines": base_state}
+        schedule = cfg.selection.schedule()
+        halving = None if schedule is None else schedule.model_dump(mode="json")
         calls = {
             ("select", method): {
                 "zoo": zoo, "method": method, "base": dict(params), "grid": dict(cfg.selection.grids.get(method, {})),
                 "criterion": cfg.selection.criterion, "device": cfg.device, "out_dir": out_dir,
-                "individual": base["individual"], "workers": cfg.workers,
+                "individual": base["individual"], "workers": cfg.workers, "halving": halving,
             }
             for method, params in cfg.methods.items()
         }  # fmt: skip

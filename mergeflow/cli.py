@@ -266,6 +266,7 @@ def _cmd_zoo_report(args: argparse.Namespace) -> int:
     report = zoo_report(
         zoo_dir, cfg.methods, cfg.selection.grids, out_dir,
         criterion=cfg.selection.criterion, device=cfg.device, adaptation=cfg.adaptation,
+        halving=cfg.selection.schedule(),
     )  # fmt: skip
     sys.stdout.write(render(report) + "\n")
     if not args.no_mlflow:

@@ -19,6 +19,7 @@ from mergeflow.methods import MethodParams, parse_params
 from mergeflow.mlflow_models import ModelsToLog
 from mergeflow.presets import get_preset
 from mergeflow.sources import Source
+from mergeflow.zoo.selection import Halving
 from mergeflow.zoo.text_zoo import TextZooConfig
 from mergeflow.zoo.vision_zoo import VisionZooConfig
 
@@ -66,12 +67,20 @@ class ZooSection(BaseModel):
 
 
 class SelectionConfig(BaseModel):
-    """``selection:``: parameter grids searched on validation; the best point is tested once."""
+    """``selection:``: parameter grids searched on validation; the best point is tested once.
+    ``search: grid`` scores every point on the whole validation split; ``search: halving`` runs
+    successive halving on validation folds (:class:`~mergeflow.zoo.selection.Halving`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     criterion: Literal["normalized", "absolute"] = "normalized"
+    search: Literal["grid", "halving"] = "grid"
+    halving: Halving = Field(default_factory=Halving)
     grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+
+    def schedule(self) -> Halving | None:
+        """The halving schedule when ``search`` is halving, else None (the exhaustive grid)."""
+        return self.halving if self.search == "halving" else None
 
     @field_validator("grids")
     @classmethod

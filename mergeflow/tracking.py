@@ -101,6 +101,7 @@ def _sweep_table(sweep: list[dict[str, Any]]) -> dict[str, list[Any]]:
     tasks = sorted({t for p in sweep for t in p["validation"]})
     table: dict[str, list[Any]] = {f"param.{n}": [str(p["params"].get(n)) for p in sweep] for n in names}
     table["validation.score"] = [p["score"] for p in sweep]
+    table["validation.share"] = [p.get("validation_share", 1.0) for p in sweep]  # < 1: pruned by halving
     for task in tasks:
         table[f"validation.{task}"] = [p["validation"][task] for p in sweep]
     return table

@@ -30,7 +30,7 @@ from mergeflow.zoo.description import zoo_files
 from mergeflow.zoo.registry import build_zoo as build_named_zoo
 from mergeflow.zoo.registry import zoo_sources
 from mergeflow.zoo.report import assemble_report
-from mergeflow.zoo.selection import evaluate_baselines, evaluate_grid_point, select_method
+from mergeflow.zoo.selection import Halving, evaluate_baselines, evaluate_grid_point, select_method
 from mergeflow.zoo.text_model import MINILM_SHA256
 from tasks.caching import content_key
 from tasks.logs import send_library_logs_to_prefect
@@ -112,7 +112,8 @@ def baselines(zoo: dict[str, Any], out_dir: str) -> dict[str, Any]:
 def select_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     return content_key(
         step="select", zoo=zoo_content(parameters["zoo"]), method=parameters["method"], base=parameters["base"],
-        grid=parameters["grid"], criterion=parameters["criterion"], out=parameters["out_dir"],
+        grid=parameters["grid"], criterion=parameters["criterion"], halving=parameters.get("halving"),
+        out=parameters["out_dir"],
         code=code_of(select_method),
     )  # fmt: skip
 
@@ -184,11 +185,22 @@ def select(
     out_dir: str,
     individual: dict[str, Any],
     workers: int = 1,
+    halving: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One method: a grid basis from one merge pass, every point scored on validation as a task,
-    the chosen point merged exactly and tested once."""
+    """One method: a grid basis from one merge pass, grid points scored on validation (each point and
+    fold a task; ``halving`` None: every point on the whole split), the chosen point merged exactly and
+    tested once."""
     return select_method(
-        zoo_dir(zoo), method, base, grid, out_dir, individual, criterion, device, map_points=point_tasks(workers)
+        zoo_dir(zoo),
+        method,
+        base,
+        grid,
+        out_dir,
+        individual,
+        criterion,
+        device,
+        map_points=point_tasks(workers),
+        halving=None if halving is None else Halving(**halving),
     )
 
 

@@ -38,7 +38,7 @@ from mergeflow.presets import get_preset
 from mergeflow.sources import OpenClipSource, Source
 from mergeflow.writer import write_text_atomic
 from mergeflow.zoo.description import read_zoo, write_zoo
-from mergeflow.zoo.evaluation import Evaluator
+from mergeflow.zoo.evaluation import Evaluator, split_part
 
 log = logging.getLogger("mergeflow.clip")
 SPLITS = ("validation", "test")
@@ -250,20 +250,25 @@ class ClipEvaluator(Evaluator):
         return self._sources[(task, which)]
 
     def batches(self, task: str, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """uint8 image batches and labels of a split (decoded once and kept when ``cache_images`` says so)."""
-        entry = self.manifests[task]["splits"][split]
+        """uint8 image batches and labels of a split or a fold of it (:func:`split_part`); a kept split
+        (``cache_images``) is decoded whole once and its folds are slices of it."""
+        name, fold, folds = split_part(split)
+        entry = self.manifests[task]["splits"][name]
         labels = torch.tensor(entry["labels"])
-        keep = self.cfg.cache_images == "all" or self.cfg.cache_images == split
+        keep = self.cfg.cache_images == "all" or self.cfg.cache_images == name
         size = self.cfg.batch_size
-        if (task, split) in self._cache:
-            images = self._cache[(task, split)]
+        if keep and (task, name) not in self._cache:
+            dataset = _Decoded(self._source(task, name), entry["indices"], self.preprocess)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=size, num_workers=self.cfg.workers)
+            decoded = list(loader)
+            self._cache[(task, name)] = torch.cat(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
+        labels = labels[fold::folds]
+        if (task, name) in self._cache:
+            images = self._cache[(task, name)][fold::folds]
             return [(images[i : i + size], labels[i : i + size]) for i in range(0, len(labels), size)]
-        dataset = _Decoded(self._source(task, split), entry["indices"], self.preprocess)
+        dataset = _Decoded(self._source(task, name), entry["indices"][fold::folds], self.preprocess)
         loader = torch.utils.data.DataLoader(dataset, batch_size=size, num_workers=self.cfg.workers)
-        decoded = list(loader)
-        if keep:
-            self._cache[(task, split)] = torch.cat(decoded) if decoded else torch.empty(0, dtype=torch.uint8)
-        return [(x, labels[i * size : (i + 1) * size]) for i, x in enumerate(decoded)]
+        return [(x, labels[i * size : (i + 1) * size]) for i, x in enumerate(loader)]
 
     def load(self, state: Mapping[str, torch.Tensor], tag: str | None = None) -> None:
         if tag is not None and tag == self._loaded:

@@ -15,6 +15,44 @@ import torch.nn.functional as F
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # tokenised inputs, labels
 
 
+def split_part(split: str) -> tuple[str, int, int]:
+    """A split name and the part of it asked for: ``"validation"`` is the whole split, ``(name, 0, 1)``;
+    ``"validation:2/4"`` is fold 2 of 4, the examples whose index i has i mod 4 = 2, ``(name, 2, 4)``.
+    The folds of a split are disjoint and together are the split (on data in class order, each is
+    stratified); successive halving scores grid points on growing unions of them."""
+    name, _, part = split.partition(":")
+    if not part:
+        return name, 0, 1
+    try:
+        fold, folds = (int(x) for x in part.split("/"))
+    except ValueError:
+        raise ValueError(f"split {split!r}: a part is written name:fold/folds, e.g. validation:0/4") from None
+    if not 0 <= fold < folds:
+        raise ValueError(f"split {split!r}: fold {fold} is not in 0..{folds - 1}")
+    return name, fold, folds
+
+
+def part_of(split: str, fold: int, folds: int) -> str:
+    """The name :func:`split_part` reads back: ``split`` itself for the whole split."""
+    return split if folds == 1 else f"{split}:{fold}/{folds}"
+
+
+def combine_parts(parts: Iterable[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per-task scores of disjoint parts of a split joined as one evaluation: accuracy Σ correct / Σ n,
+    loss Σ (loss · n) / Σ n (the union's mean), n Σ n; all parts of a split give its whole-split scores."""
+    correct: dict[str, int] = {}
+    loss: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for part in parts:
+        for task, s in part.items():
+            n = int(s["n"])
+            correct[task] = correct.get(task, 0) + round(s["accuracy"] * n)
+            loss[task] = loss.get(task, 0.0) + s["loss"] * n
+            count[task] = count.get(task, 0) + n
+    return {t: {"accuracy": correct[t] / max(count[t], 1), "loss": loss[t] / max(count[t], 1), "n": count[t]}
+            for t in count}  # fmt: skip
+
+
 def top1_and_loss(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Top-1 accuracy, mean cross-entropy and count over (logits, labels) batches."""
     correct, loss, n = 0, 0.0, 0
@@ -45,7 +83,8 @@ class Evaluator:
         raise NotImplementedError
 
     def scored(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(logits, labels) per batch of ``task``'s ``split`` with the weights loaded now."""
+        """(logits, labels) per batch of ``task``'s ``split`` (a whole split or a fold of it, see
+        :func:`split_part`) with the weights loaded now."""
         raise NotImplementedError
 
     @torch.no_grad()

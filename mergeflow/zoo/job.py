@@ -13,7 +13,7 @@ from typing import Any
 
 from mergeflow.zoo.adapt import adapt_zoo
 from mergeflow.zoo.report import assemble_report, render
-from mergeflow.zoo.selection import evaluate_baselines, select_method
+from mergeflow.zoo.selection import Halving, evaluate_baselines, select_method
 
 log = logging.getLogger("mergeflow.report")
 
@@ -26,13 +26,22 @@ def zoo_report(
     criterion: str = "normalized",
     device: str = "auto",
     adaptation: Mapping[str, Any] | None = None,
+    halving: Halving | None = None,
 ) -> dict[str, Any]:
     """Baselines, every method's validation-selected row, AdaMerging rows, then the assembled report."""
     start = time.perf_counter()
     baselines = evaluate_baselines(zoo_dir, out_dir)
     selections = {
         method: select_method(
-            zoo_dir, method, base, grids.get(method, {}), out_dir, baselines["individual"], criterion, device
+            zoo_dir,
+            method,
+            base,
+            grids.get(method, {}),
+            out_dir,
+            baselines["individual"],
+            criterion,
+            device,
+            halving=halving,
         )
         for method, base in methods.items()
     }

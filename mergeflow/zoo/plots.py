@@ -84,6 +84,7 @@ def _plot_grids(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
         ranks = sorted({p["params"]["rank_ratio"] for p in cart})
         scalings = sorted({p["params"]["scaling"] for p in cart})
         score = {(p["params"]["rank_ratio"], p["params"]["scaling"]): 100 * p["score"] for p in cart}
+        share = {(p["params"]["rank_ratio"], p["params"]["scaling"]): p.get("validation_share", 1.0) for p in cart}
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         best = rank_curve(report)
         ax.plot([p["rank_ratio"] for p in best], [p["score"] for p in best], marker="o", label="best scaling per rank")
@@ -102,10 +103,14 @@ def _plot_grids(report: dict[str, Any], out_dir: Path, plt: Any) -> None:
         image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
         ax.set_xticks(range(len(ranks)), [f"{r:g}" for r in ranks])
         ax.set_yticks(range(len(scalings)), [f"{s:g}" for s in scalings])
+        partial = False
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6, color="white")
-        ax.set_xlabel("rank ratio")
+                part = share.get((ranks[j], scalings[i]), 1.0) < 1.0  # pruned by halving on part of validation
+                partial |= part
+                ax.text(j, i, f"{value:.1f}" + ("*" if part else ""), ha="center", va="center", fontsize=6,
+                        color="white")  # fmt: skip
+        ax.set_xlabel("rank ratio" + ("\n* scored on part of validation (successive halving)" if partial else ""))
         ax.set_ylabel("scaling λ")
         ax.set_title(f"CART validation score ({report['criterion']}, %)")
         fig.colorbar(image, ax=ax)

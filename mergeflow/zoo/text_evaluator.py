@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mergeflow.artefacts import load_strict
 from mergeflow.checkpoint import read_state_dict
 from mergeflow.zoo.description import read_zoo
-from mergeflow.zoo.evaluation import Batch, Evaluator
+from mergeflow.zoo.evaluation import Batch, Evaluator, split_part
 from mergeflow.zoo.packing import mean_pool, pack
 from mergeflow.zoo.text_model import encoder_weights, load_text_encoder
 from mergeflow.zoo.text_zoo import TextZooConfig
@@ -39,8 +39,10 @@ class TextEvaluator(Evaluator):
         self._loaded: str | None = None
 
     def texts(self, task: str, split: str) -> tuple[list[str], list[int]]:
-        data = json.loads(Path(self.zoo["tasks"][task]["data"]).read_text())["splits"][split]
-        return data["texts"], data["labels"]
+        """Texts and labels of a split, or of one fold of it (``validation:0/4``, see :func:`split_part`)."""
+        name, fold, folds = split_part(split)
+        data = json.loads(Path(self.zoo["tasks"][task]["data"]).read_text())["splits"][name]
+        return data["texts"][fold::folds], data["labels"][fold::folds]
 
     def batches(self, task: str, split: str) -> list[Batch]:
         """Length-sorted, padded batches of one task's split (built once)."""

@@ -33,7 +33,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.hashing import sha256_file_cached
 from mergeflow.writer import save_state_dict
 from mergeflow.zoo.description import read_zoo, write_zoo
-from mergeflow.zoo.evaluation import Evaluator
+from mergeflow.zoo.evaluation import Evaluator, split_part
 from mergeflow.zoo.vision_data import DATASETS, split_indices, to_inputs
 from mergeflow.zoo.vision_model import fit_linear_probe, make_classifier, predict, train
 
@@ -188,6 +188,7 @@ class VisionEvaluator(Evaluator):
         return self
 
     def scored(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        images, labels = self.data[task][f"{split}.images"], self.data[task][f"{split}.labels"]
+        name, fold, folds = split_part(split)
+        images, labels = self.data[task][f"{name}.images"][fold::folds], self.data[task][f"{name}.labels"][fold::folds]
         for i in range(0, len(images), self.batch_size):
             yield self.logits(task, images[i : i + self.batch_size]), labels[i : i + self.batch_size]
