@@ -14,6 +14,7 @@ from mergeflow.config import SelectionConfig
 from mergeflow.zoo.evaluation import combine_parts, part_of, split_part
 from mergeflow.zoo.registry import evaluate_checkpoint
 from mergeflow.zoo.selection import Halving, normalized, score_grid_points, select_method
+from mergeflow.zoo.text_evaluator import TextEvaluator
 from mergeflow.zoo.text_zoo import TextZooConfig, build_text_zoo
 
 
@@ -57,6 +58,9 @@ def test_the_folds_of_a_split_joined_are_the_whole_split(zoo: Path) -> None:
     whole = evaluate_checkpoint(zoo, theta0, "validation")
     folds = [evaluate_checkpoint(zoo, theta0, part_of("validation", f, 4)) for f in range(4)]
     assert [f["language"]["n"] for f in folds] == [10, 10, 10, 10]
+    small = TextEvaluator(zoo, batch_size=12)  # a fold of 4 gets batches of 3: the whole split's length spread
+    assert [len(labels) for _, labels in small.batches("language", "validation:0/4")] == [3, 3, 3, 1]
+    assert [len(labels) for _, labels in small.batches("language", "validation")] == [12, 12, 12, 4]
     joined = combine_parts(folds)
     for task, scores in whole.items():
         assert joined[task]["accuracy"] == scores["accuracy"] and joined[task]["n"] == scores["n"] == 40
